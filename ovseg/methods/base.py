@@ -1,0 +1,165 @@
+"""The interface every ovseg method implements, and the registry that builds them.
+
+A method is an ``nn.Module`` with two steps, split the way segment-anything splits its predictor:
+``encode_image`` (expensive, cached by the Predictor) and ``segment`` (cheap, repeated for every
+vocabulary). ``forward`` chains the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ovseg.backbones import ClipBackbone
+
+IGNORE_INDEX = 255
+
+VocabularyLike = Sequence[str | Sequence[str]]
+
+
+@dataclass
+class MethodConfig:
+    """Settings shared by every method; each method extends it with its own.
+
+    Attributes:
+        backbone: CLIP name or alias understood by :func:`ovseg.backbones.load_backbone`.
+        pretrained: weights tag or path for the backbone (None: the alias's default).
+        templates: text template set name or explicit templates.
+        input_size: square side the image is resized to before encoding.
+    """
+
+    backbone: str = "toy-vit"
+    pretrained: str | None = None
+    templates: str | tuple[str, ...] = "imagenet"
+    input_size: int = 256
+
+    def replace(self, **changes: Any) -> MethodConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no option(s) {sorted(unknown)}; "
+                f"known: {[f.name for f in dataclasses.fields(self)]}."
+            )
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class SegmentationOutput:
+    """What a method returns.
+
+    Attributes:
+        logits: ``B×K×H×W`` class scores at the input image resolution; larger is more likely.
+        intermediates: named tensors (cost volumes, prompts, selections, attention maps) for the
+            demo; empty unless ``return_intermediates=True``.
+    """
+
+    logits: Tensor
+    intermediates: dict[str, Any] = field(default_factory=dict)
+
+
+class SegmentationMethod(nn.Module):
+    """Base class: subclasses implement :meth:`encode_image` and :meth:`segment`.
+
+    Attributes:
+        name: the registry name (``"dense-clip"``).
+        config: the method's configuration dataclass.
+        backbone: the CLIP backbone whose text tower encodes the vocabulary.
+        trained_head: whether the method's head weights were trained (False: training-free path or
+            random head; the demo says so).
+    """
+
+    name: ClassVar[str]
+    config: MethodConfig
+    backbone: ClipBackbone
+    trained_head: bool = False
+
+    def encode_image(self, images: Tensor) -> Any:
+        """Encode ``B×3×H×W`` images in [0, 1]; the result is what :meth:`segment` consumes."""
+        raise NotImplementedError
+
+    def segment(
+        self,
+        image_features: Any,
+        vocabulary: VocabularyLike,
+        *,
+        return_intermediates: bool = False,
+        **options: Any,
+    ) -> SegmentationOutput:
+        """Segment already-encoded images with a vocabulary of ``K`` classes."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        images: Tensor,
+        vocabulary: VocabularyLike,
+        *,
+        return_intermediates: bool = False,
+        **options: Any,
+    ) -> SegmentationOutput:
+        """Segment ``B×3×H×W`` images in [0, 1] with a vocabulary; see :meth:`segment`."""
+        features = self.encode_image(images)
+        return self.segment(
+            features, vocabulary, return_intermediates=return_intermediates, **options
+        )
+
+    def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
+        """Per-pixel cross-entropy; methods with a paper loss override this.
+
+        Arguments:
+            output: the method's output for a batch.
+            target: ``B×H×W`` class indices into the vocabulary, ``IGNORE_INDEX`` where unlabelled.
+        """
+        logits = _resize_to(output.logits, target.shape[-2:])
+        return {"loss_ce": F.cross_entropy(logits, target.long(), ignore_index=IGNORE_INDEX)}
+
+    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; methods override this with their paper's learning rates."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": base_lr}]
+
+
+def _resize_to(logits: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+MethodBuilder = Callable[..., SegmentationMethod]
+METHODS: dict[str, MethodBuilder] = {}
+
+
+def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register a builder: ``fn(*, backbone=None, weights=None, device=None, **config)``."""
+
+    def decorator(builder: MethodBuilder) -> MethodBuilder:
+        if name in METHODS:
+            raise ValueError(f"A method named {name!r} is already registered.")
+        METHODS[name] = builder
+        return builder
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def build_method(name: str, **kwargs: Any) -> SegmentationMethod:
+    """Build a registered method; unknown names get a message listing the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; available: {', '.join(METHODS)}.")
+    method = METHODS[name](**kwargs)
+    return method.eval()
+
+
+def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinearly resize ``B×K×h×w`` logits to ``size``, chunked over K to bound peak memory."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    chunks = [_resize_to(chunk, size) for chunk in logits.split(64, dim=1)]
+    return torch.cat(chunks, dim=1)
