@@ -1,0 +1,1 @@
+"""Data: ToyWorld (generated scenes, the embedded default) and the benchmark vocabularies."""
