@@ -8,15 +8,18 @@ vocabulary). ``forward`` chains the two.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg.backbones import ClipBackbone
+from ovseg.backbones import ClipBackbone, WeightsError
 
 IGNORE_INDEX = 255
 
@@ -89,9 +92,20 @@ class SegmentationMethod(nn.Module):
         vocabulary: VocabularyLike,
         *,
         return_intermediates: bool = False,
+        target: Tensor | None = None,
         **options: Any,
     ) -> SegmentationOutput:
-        """Segment already-encoded images with a vocabulary of ``K`` classes."""
+        """Segment already-encoded images with a vocabulary of ``K`` classes.
+
+        Arguments:
+            image_features: what :meth:`encode_image` returned.
+            vocabulary: ``K`` class names or synonym tuples.
+            return_intermediates: also return named intermediates for the demo.
+            target: ``B×H×W`` ground-truth indices into the vocabulary (255: ignore), given only
+                in training, for methods whose training differs (DCP-CLIP forces ground-truth
+                classes into its selection); others ignore it.
+            options: method-specific inference options (e.g. DCP-CLIP's ``theta``).
+        """
         raise NotImplementedError
 
     def forward(
@@ -121,6 +135,50 @@ class SegmentationMethod(nn.Module):
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups; methods override this with their paper's learning rates."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": base_lr}]
+
+
+def save_weights(method: SegmentationMethod, path: str | os.PathLike) -> Path:
+    """Save a method's weights as ``<path>.safetensors`` with its config in ``<path>.json``."""
+    from safetensors.torch import save_file
+
+    stem = Path(path)
+    stem = stem.with_suffix("") if stem.suffix == ".safetensors" else stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in method.state_dict().items()}
+    weights_path = stem.with_name(stem.name + ".safetensors")
+    save_file(state, weights_path, metadata={"method": method.name})
+    record = {"method": method.name, "config": dataclasses.asdict(method.config)}
+    stem.with_name(stem.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    return weights_path
+
+
+def load_weights(method: SegmentationMethod, path: str | os.PathLike) -> None:
+    """Load weights written by :func:`save_weights` into ``method`` (strictly).
+
+    Raises:
+        WeightsError: missing, unreadable or corrupt file, another method's weights, or a state
+            dict that does not fit this method's architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = Path(path)
+    if weights_path.suffix != ".safetensors":
+        weights_path = weights_path.with_name(weights_path.name + ".safetensors")
+    if not weights_path.is_file():
+        raise WeightsError(f"No weights file at {weights_path}.")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(
+            f"{weights_path} is not a readable safetensors file: {error}."
+        ) from error
+    try:
+        method.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise WeightsError(
+            f"{weights_path} does not fit {method.name} with its current config: {error}"
+        ) from error
 
 
 def _resize_to(logits: Tensor, size: Sequence[int]) -> Tensor:

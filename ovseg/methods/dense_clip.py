@@ -61,6 +61,7 @@ class DenseClip(SegmentationMethod):
         vocabulary: VocabularyLike,
         *,
         return_intermediates: bool = False,
+        target: Tensor | None = None,
         **options: Any,
     ) -> SegmentationOutput:
         if options:
