@@ -45,7 +45,8 @@ def load(
         name: a method name from :func:`list_methods` (``"dense-clip"``, ...).
         backbone: a CLIP alias or open_clip name (``"toy-vit"``, ``"vit-b-16"``, ``"ViT-B-16"``), or
             an already loaded :class:`ovseg.backbones.ClipBackbone` to share between methods.
-        weights: the method's weights (a path, or for training-free methods the CLIP tag).
+        weights: the method's trained weights (``.safetensors`` from :func:`save_weights`);
+            the backbone's own weights are the ``pretrained`` config field.
         device: where to put it (default CPU).
         config: any field of the method's config dataclass.
     """

@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--backbone", default=None, help="CLIP alias or open_clip name (default: the method's)"
     )
-    segment.add_argument("--weights", default=None, help="weights path or pretrained tag")
+    segment.add_argument("--weights", default=None, help="method weights (.safetensors)")
+    segment.add_argument(
+        "--pretrained",
+        default=None,
+        help="CLIP weights: open_clip tag ('openai') or checkpoint path",
+    )
     segment.add_argument(
         "--input-size", type=int, default=None, help="square side the image is resized to"
     )
@@ -57,7 +62,11 @@ def segment(args: argparse.Namespace) -> dict:
         vocabulary = ovseg.parse_vocabulary(args.vocab_file.read_text(encoding="utf-8"))
     else:
         vocabulary = ovseg.parse_vocabulary(args.vocab)
-    config = {"input_size": args.input_size, "templates": args.templates}
+    config = {
+        "input_size": args.input_size,
+        "templates": args.templates,
+        "pretrained": args.pretrained,
+    }
     config = {key: value for key, value in config.items() if value is not None}
     method = ovseg.load(
         args.method, backbone=args.backbone, weights=args.weights, device=args.device, **config

@@ -20,7 +20,8 @@ def test_segment_writes_a_label_png_an_overlay_and_a_summary(tmp_path, image_pat
     code = main(
         [
             "segment", str(image_path), "--vocab", "cat, dog; puppy, sky",
-            "--backbone", "toy-vit", "--weights", "random", "--input-size", "64", "--out", str(out),
+            "--backbone", "toy-vit", "--pretrained", "random", "--input-size", "64",
+            "--out", str(out),
         ]
     )  # fmt: skip
     assert code == 0
@@ -37,7 +38,7 @@ def test_a_bundled_vocabulary_with_more_than_256_classes_writes_16_bit_labels(tm
     out = tmp_path / "mask.png"
     args = ["segment", str(image_path), "--vocab-name", "pc-459", "--backbone", "toy-vit"]
     args += [
-        "--weights",
+        "--pretrained",
         "random",
         "--input-size",
         "32",
@@ -61,7 +62,7 @@ def test_bad_input_exits_with_a_message_not_a_traceback(
     tmp_path, image_path, capsys, vocab, image_name, message
 ):
     args = ["segment", str(tmp_path / image_name), "--vocab", vocab, "--backbone", "toy-vit"]
-    args += ["--weights", "random", "--out", str(tmp_path / "mask.png")]
+    args += ["--pretrained", "random", "--out", str(tmp_path / "mask.png")]
     assert main(args) == 2
     assert message in capsys.readouterr().err
 

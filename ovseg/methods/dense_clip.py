@@ -20,6 +20,7 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
+    load_weights,
     register_method,
     upsample_logits,
 )
@@ -31,10 +32,15 @@ class DenseClipConfig(MethodConfig):
     """Attributes (beyond :class:`MethodConfig`):
     dense_mode: ``"maskclip"`` (value path, ViT only) or ``"standard"`` (token outputs).
     temperature: divides the cosine scores into logits; CLIP's own is 0.01.
+    finetune: ``"none"`` (training-free) or ``"attention"``: train the attention projections of
+        both CLIP towers with a per-pixel loss on the cost volume (the "fine-tuned CLIP"
+        baseline of CAT-Seg's ablation), at ``lr_multiplier`` times the base rate.
     """
 
     dense_mode: str = "maskclip"
     temperature: float = 0.01
+    finetune: str = "none"
+    lr_multiplier: float = 0.01
 
 
 class DenseClip(SegmentationMethod):
@@ -48,6 +54,24 @@ class DenseClip(SegmentationMethod):
         self.config = config
         self.backbone = backbone
         self.dense_mode = config.dense_mode if backbone.kind == "vit" else "standard"
+        if config.finetune not in ("none", "attention"):
+            raise ValueError(f"finetune must be 'none' or 'attention'; got {config.finetune!r}.")
+        if config.finetune == "attention":
+            # Fine-tuning changes the backbone in place: give this method a backbone of its own.
+            for name, parameter in backbone.named_parameters():
+                parameter.requires_grad = ".attn." in name
+
+    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        if self.config.finetune == "none":
+            return []
+        trainable = [p for n, p in self.backbone.named_parameters() if ".attn." in n]
+        return [
+            {
+                "params": trainable,
+                "lr": base_lr * self.config.lr_multiplier,
+                "name": "clip_attention",
+            }
+        ]
 
     def encode_image(self, images: Tensor) -> DenseFeatures:
         """``B×3×H×W`` images in [0, 1] → dense CLIP features (stride of the backbone)."""
@@ -92,16 +116,20 @@ def build_dense_clip(
 
     Arguments:
         backbone: a loaded :class:`ClipBackbone`, or a name/alias for :func:`load_backbone`
-            (default ``config.backbone``, the ToyWorld ViT CLIP).
-        weights: the backbone's pretrained tag or path (dense CLIP has no head weights).
+            (default ``config.backbone``, the ToyWorld ViT CLIP); its weights come from
+            ``config.pretrained`` (a tag such as ``"openai"`` or a checkpoint path).
+        weights: weights saved by :func:`save_weights` after fine-tuning (optional; the baseline
+            is training-free).
         device: where to build it.
         config: any :class:`DenseClipConfig` field.
     """
     settings = DenseClipConfig().replace(**config)
     if isinstance(backbone, str):
         settings = settings.replace(backbone=backbone)
-    if weights is not None:
-        settings = settings.replace(pretrained=weights)
     if not isinstance(backbone, ClipBackbone):
         backbone = load_backbone(settings.backbone, settings.pretrained, device=device)
-    return DenseClip(config=settings, backbone=backbone)
+    method = DenseClip(config=settings, backbone=backbone)
+    if weights is not None:
+        load_weights(method, weights)
+        method.trained_head = True
+    return method

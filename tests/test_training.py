@@ -1,0 +1,129 @@
+"""Smoke runs of every training script: a few iterations each, on tiny inputs, in a temp folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "training" / "configs" / "dense-clip-toy.json"
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [*args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def tiny_training_overrides(run_dir: Path, iterations: int = 2) -> list[str]:
+    settings = {
+        "iterations": iterations,
+        "batch_size": 2,
+        "checkpoint_every": 1,
+        "method_config.input_size": 64,
+        "method_config.pretrained": "random",
+        "dataset.image_size": 64,
+        "run_dir": str(run_dir),
+        "output": str(run_dir / "final"),
+        "eval_images": 2,
+        "eval_sets": ["toy-seen"],
+        "threads": 1,
+    }
+    return [
+        item for key, value in settings.items() for item in ("--set", f"{key}={json.dumps(value)}")
+    ]
+
+
+def test_pretrain_clip_runs_checkpoints_and_writes_an_open_clip_folder(tmp_path):
+    out = tmp_path / "clip"
+    result = run(
+        sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext", "--out", str(out),
+        "--run-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
+        "--checkpoint-every", "1", "--eval-images-per-class", "1",
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["zero_shot_top1_unseen"] <= 100
+    assert "zero_shot_top1_seen" in result.stdout
+    assert (out / "open_clip_config.json").is_file() and (
+        out / "open_clip_model.safetensors"
+    ).is_file()
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+    from ovseg.backbones import load_clip
+
+    assert load_clip(f"local-dir:{out}").kind == "convnext"
+
+
+def test_pretrain_sam_runs_and_its_weights_load(tmp_path):
+    stem = tmp_path / "sam"
+    run(
+        sys.executable, "training/pretrain_sam.py", "--out", str(stem),
+        "--run-dir", str(tmp_path / "run"),
+        "--steps", "2", "--scenes", "2", "--prompts-per-scene", "2", "--eval-scenes", "1",
+        "--checkpoint-every", "1",
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "sam.metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["single_point_miou"] <= 100
+
+    from ovseg.backbones import build_sam
+
+    assert build_sam(None, stem).image_size == 256
+
+
+def test_train_resumes_from_its_checkpoint_and_evaluates(tmp_path):
+    run_dir = tmp_path / "run"
+    run(
+        sys.executable,
+        "training/train.py",
+        "--config",
+        str(CONFIG),
+        *tiny_training_overrides(run_dir, 1),
+    )
+    result = run(
+        sys.executable,
+        "training/train.py",
+        "--config",
+        str(CONFIG),
+        *tiny_training_overrides(run_dir, 2),
+    )
+    lines = (run_dir / "train_log.csv").read_text().splitlines()
+    assert lines[0].startswith("iteration,loss,loss_ce,lr_clip_attention")
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2"]  # the second run resumed at 1
+    assert "| dense-clip | toy-seen | 2 |" in result.stdout
+    assert (run_dir / "final.safetensors").is_file()
+
+    import ovseg
+
+    method = ovseg.load(
+        "dense-clip", weights=str(run_dir / "final"), pretrained="random", finetune="attention"
+    )
+    assert method.trained_head
+
+
+def test_train_runs_distributed_on_two_cpu_processes_with_gloo(tmp_path):
+    run_dir = tmp_path / "ddp"
+    result = run(
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "training/train.py", "--config", str(CONFIG), *tiny_training_overrides(run_dir, 2),
+    )  # fmt: skip
+    assert (run_dir / "final.safetensors").is_file()
+    assert "| dense-clip | toy-seen |" in result.stdout
+
+
+def test_evaluate_prints_the_metric_table(tmp_path):
+    from training.evaluate import main
+
+    rows = main(
+        ["--method", "dense-clip", "--pretrained", "random", "--sets", "toy-seen", "toy-open",
+         "--num-images", "2", "--json", str(tmp_path / "rows.json")]
+    )  # fmt: skip
+    assert [row["set"] for row in rows] == ["toy-seen", "toy-open"]
+    assert "hIoU" in rows[1] and "hIoU" not in rows[0]
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows

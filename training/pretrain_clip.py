@@ -1,0 +1,322 @@
+"""Pretrain a ToyWorld CLIP contrastively on image-caption pairs that cover every class.
+
+This is the web-scale pretraining analog of the zero-shot protocol: the captions name every
+ToyWorld class, seen and unseen alike, while segmentation heads later see masks of seen classes
+only. Images are single things or stuff patches (with captions like "a photo of a cat") and whole
+scenes (with captions listing what is in them). Pretraining runs at a lower resolution than
+segmentation, as real CLIPs do; the ViT also sees some batches at 1.5× size so its position
+embeddings interpolate well to segmentation inputs.
+
+    python training/pretrain_clip.py --model toy-vit --out assets/clip-toy-vit \
+        --steps 1100 --minutes 85 --large-fraction 0.15
+    python training/pretrain_clip.py --model toy-convnext --out assets/clip-toy-convnext \
+        --steps 1800 --minutes 80
+
+The output folder is an open_clip ``local-dir:`` model (``open_clip_config.json`` and
+``open_clip_model.safetensors``) and ``metrics.json``; checkpoints (for ``--resume`` after an
+interruption: just run the same command again) and ``train_log.csv`` go to ``--run-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone
+from ovseg.data.toyworld import TRAIN_SEED_LIMIT, ToyWorld
+
+CAPTION_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a {}.",
+    "a close-up photo of a {}.",
+    "a {} on its own.",
+    "this is a {}.",
+    "there is a {} in the picture.",
+)
+SYNONYM_PROBABILITY = 0.3
+EVAL_SEED = TRAIN_SEED_LIMIT + 7_000_000
+
+
+def caption_for(world: ToyWorld, class_id: int, rng: np.random.Generator) -> str:
+    """A varied single-object caption, naming the class or one of its synonyms."""
+    toy_class = world.classes[class_id]
+    name = toy_class.name
+    if toy_class.synonyms and rng.random() < SYNONYM_PROBABILITY:
+        name = toy_class.synonyms[int(rng.integers(len(toy_class.synonyms)))]
+    return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(name)
+
+
+def batches(
+    world: ToyWorld, *, batch_size: int, image_size: int, scene_fraction: float, seed: int
+) -> Iterator[tuple[torch.Tensor, list[str], torch.Tensor]]:
+    """Endless batches of (images B×3×S×S in [0, 1], captions, keys).
+
+    Images with equal non-negative keys show the same single class, so their captions are
+    interchangeable positives; scenes get unique negative keys.
+    """
+    rng = np.random.default_rng(seed)
+    world_at_size = ToyWorld(image_size=image_size) if image_size != world.image_size else world
+    step = 0
+    while True:
+        images, captions, keys = [], [], []
+        for index in range(batch_size):
+            sample_seed = int(rng.integers(TRAIN_SEED_LIMIT))
+            if rng.random() < scene_fraction:
+                scene = world_at_size.scene(sample_seed)
+                images.append(scene.image)
+                captions.append(scene.caption)
+                keys.append(-1 - step * batch_size - index)
+            else:
+                class_id = int(rng.integers(len(world.classes)))
+                images.append(world_at_size.sprite_image(class_id, sample_seed))
+                captions.append(caption_for(world, class_id, rng))
+                keys.append(class_id)
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+        yield pixels, captions, torch.tensor(keys)
+        step += 1
+
+
+def contrastive_loss(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    keys: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets: pairs that share a class key are all positives."""
+    logits = scale * F.normalize(image_embeddings, dim=-1) @ F.normalize(text_embeddings, dim=-1).T
+    targets = (keys[:, None] == keys[None, :]).float()
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    image_to_text = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets * logits.log_softmax(dim=0)).sum(dim=0).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+@torch.no_grad()
+def evaluate(
+    backbone: ClipBackbone, world: ToyWorld, *, images_per_class: int, image_size: int
+) -> dict:
+    """Zero-shot top-1 on single-class images over the whole vocabulary, and the modality gap."""
+    backbone.eval()
+    text = backbone.encode_text([(c.name, *c.synonyms) for c in world.classes], "imagenet").mean
+    labels, image_embeddings = [], []
+    for class_id in range(len(world.classes)):
+        for repeat in range(images_per_class):
+            image = world.sprite_image(class_id, EVAL_SEED + repeat, size=image_size)
+            image_embeddings.append(torch.from_numpy(image))
+            labels.append(class_id)
+    pixels = torch.stack(image_embeddings).permute(0, 3, 1, 2).float() / 255.0
+    embeddings = torch.cat(
+        [
+            backbone.encode_image(backbone.normalize(chunk)).global_embedding
+            for chunk in pixels.split(256)
+        ]
+    )
+    embeddings = F.normalize(embeddings, dim=-1)
+    labels = torch.tensor(labels)
+    predicted = (embeddings @ text.T).argmax(dim=1)
+    correct = predicted == labels
+    seen = torch.tensor([world.classes[i].seen for i in labels.tolist()])
+    matched_text = text[labels]
+    image_text = (embeddings * matched_text).sum(-1).mean().item()
+    image_image = (embeddings @ embeddings.T).fill_diagonal_(float("nan")).nanmean().item()
+    text_text = (text @ text.T).fill_diagonal_(float("nan")).nanmean().item()
+    return {
+        "zero_shot_top1_all": correct.float().mean().item() * 100,
+        "zero_shot_top1_seen": correct[seen].float().mean().item() * 100,
+        "zero_shot_top1_unseen": correct[~seen].float().mean().item() * 100,
+        "num_classes": len(world.classes),
+        "images_per_class": images_per_class,
+        "eval_image_size": image_size,
+        "mean_cosine_image_text_matched": image_text,
+        "mean_cosine_image_image": image_image,
+        "mean_cosine_text_text": text_text,
+    }
+
+
+def save_model(backbone: ClipBackbone, config_name: str, out: Path) -> None:
+    """Write an open_clip local-dir folder: config with preprocessing, fp16 weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": open_clip.get_model_config(config_name),
+        "preprocess_cfg": {
+            "mean": backbone.image_mean.flatten().tolist(),
+            "std": backbone.image_std.flatten().tolist(),
+        },
+    }
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # fp16 halves the shipped size; open_clip casts back to the model's fp32 on load.
+    state = {
+        k: v.detach().to(torch.float16).contiguous() for k, v in backbone.model.state_dict().items()
+    }
+    save_file(state, out / "open_clip_model.safetensors", metadata={"config": config_name})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=sorted(TOY_CLIPS), default="toy-vit")
+    parser.add_argument("--out", type=Path, required=True, help="the shipped model folder")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="checkpoint and log folder (default: runs/pretrain-<model>)",
+    )
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget; the schedule ends at the steps or the minutes, whichever is first",
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the config's size")
+    parser.add_argument(
+        "--large-fraction",
+        type=float,
+        default=0.25,
+        help="share of ViT batches at 1.5× size (position-embedding interpolation)",
+    )
+    parser.add_argument("--scene-fraction", type=float, default=0.35)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--eval-images-per-class", type=int, default=4)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    config_name = TOY_CLIPS[args.model][0]
+    backbone = load_backbone(args.model, "random")
+    backbone.train()
+    size = args.image_size or backbone.image_size
+    world = ToyWorld(image_size=size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_dir = args.run_dir or Path("runs") / f"pretrain-{args.model}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / "checkpoint.pt"
+
+    decay = [p for n, p in backbone.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in backbone.named_parameters() if p.ndim < 2 or "embedding" in n]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    step, previous_seconds = 0, 0.0
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        backbone.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        previous_seconds = float(state.get("seconds", 0.0))
+
+    small = batches(
+        world,
+        batch_size=args.batch_size,
+        image_size=size,
+        scene_fraction=args.scene_fraction,
+        seed=args.seed + step,
+    )
+    large_size = int(size * 1.5) // backbone.stride * backbone.stride
+    large = batches(
+        world,
+        batch_size=args.batch_size,
+        image_size=large_size,
+        scene_fraction=args.scene_fraction,
+        seed=args.seed + 10**6 + step,
+    )
+    rng = np.random.default_rng(args.seed + step)
+    log_path = run_dir / "train_log.csv"
+    new_log = not log_path.is_file()
+    started = time.perf_counter()
+    with log_path.open("a", newline="") as log_file:
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(["step", "loss", "lr", "logit_scale", "image_size", "seconds"])
+        progress = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.model}")
+        while step < args.steps:
+            # The schedule follows whichever budget runs out first, steps or minutes, so a
+            # time-boxed run still anneals its learning rate to zero.
+            elapsed = previous_seconds + time.perf_counter() - started
+            done = step / args.steps
+            if args.minutes is not None:
+                done = max(done, elapsed / (args.minutes * 60))
+            if done >= 1.0:
+                break
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * done))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            use_large = backbone.kind == "vit" and rng.random() < args.large_fraction
+            pixels, captions, keys = next(large if use_large else small)
+            image_embeddings = backbone.encode_image(backbone.normalize(pixels)).global_embedding
+            text_embeddings = backbone._encode_tokens(backbone.tokenizer(captions))
+            scale = backbone.model.logit_scale.exp().clamp(max=100)
+            loss = contrastive_loss(image_embeddings, text_embeddings, keys, scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+            log.writerow(
+                [
+                    step,
+                    f"{loss.item():.4f}",
+                    f"{lr:.6f}",
+                    f"{scale.item():.2f}",
+                    pixels.shape[-1],
+                    f"{previous_seconds + time.perf_counter() - started:.1f}",
+                ]
+            )
+            if step % args.checkpoint_every == 0:
+                log_file.flush()
+                seconds = previous_seconds + time.perf_counter() - started
+                torch.save(
+                    {
+                        "model": backbone.model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "seconds": seconds,
+                    },
+                    checkpoint_path,
+                )
+                save_model(backbone, config_name, args.out)
+        progress.close()
+
+    save_model(backbone, config_name, args.out)
+    metrics = evaluate(
+        backbone, world, images_per_class=args.eval_images_per_class, image_size=size
+    )
+    metrics.update(
+        {"steps": step, "batch_size": args.batch_size, "image_size": size, "model": config_name}
+    )
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
