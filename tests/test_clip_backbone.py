@@ -27,7 +27,8 @@ def test_toy_vit_dense_features_have_the_documented_shapes(toy_vit):
 
 
 def test_vit_global_embedding_at_native_size_equals_open_clip(toy_vit):
-    images = toy_vit.normalize(torch.rand(2, 3, 96, 96))
+    size = toy_vit.image_size
+    images = toy_vit.normalize(torch.rand(2, 3, size, size))
     with torch.no_grad():
         ours = toy_vit.encode_image(images).global_embedding
         reference = toy_vit.model.encode_image(images)

@@ -61,6 +61,9 @@ class TrainConfig:
         eval_sets: ToyWorld sets evaluated at the end.
         eval_images: images per evaluation set.
         threads: torch CPU threads per process (None: torch's default).
+        classes_per_step: if set, each step trains on the classes present in the batch plus
+            random other training classes up to this many (a cost measure for large training
+            vocabularies on a CPU; every class still competes with many negatives).
     """
 
     method: str
@@ -82,6 +85,7 @@ class TrainConfig:
     eval_sets: list[str] = field(default_factory=lambda: ["toy-open"])
     eval_images: int = 100
     threads: int | None = None
+    classes_per_step: int | None = None
 
     @classmethod
     def from_file(cls, path: Path, overrides: list[str]) -> TrainConfig:
@@ -142,6 +146,28 @@ def build_dataset(
     return dataset, vocabulary, to_index
 
 
+def sample_classes(
+    target: torch.Tensor, num_classes: int, limit: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the classes present in ``target`` plus random others up to ``limit``.
+
+    Returns the chosen vocabulary indices and ``target`` re-indexed into them.
+    """
+    valid = target[target != IGNORE_INDEX]
+    present = torch.unique(valid.cpu())
+    absent = torch.ones(num_classes, dtype=torch.bool)
+    absent[present] = False
+    others = torch.nonzero(absent).flatten()
+    others = others[torch.randperm(len(others), generator=generator)][
+        : max(0, limit - len(present))
+    ]
+    chosen = torch.cat([present, others])
+    remap = torch.full((num_classes + 1,), IGNORE_INDEX, dtype=torch.long)
+    remap[chosen] = torch.arange(len(chosen))
+    safe_target = torch.where(target == IGNORE_INDEX, num_classes, target).cpu()
+    return chosen, remap[safe_target].to(target.device)
+
+
 def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
@@ -199,6 +225,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0))
     to_index = torch.from_numpy(to_index)
     input_size = method.config.input_size
+    sampler = torch.Generator().manual_seed(config.seed * 1000 + rank + iteration)
 
     log_file = (run_dir / "train_log.csv").open("a", newline="") if rank == 0 else None
     log = csv.writer(log_file) if log_file else None
@@ -217,8 +244,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             images = torch.nn.functional.interpolate(
                 images, size=(input_size, input_size), mode="bilinear"
             )
+        step_vocabulary = vocabulary
+        if config.classes_per_step:
+            chosen, target = sample_classes(
+                target, len(vocabulary), config.classes_per_step, sampler
+            )
+            step_vocabulary = [vocabulary[i] for i in chosen.tolist()]
         with autocast_context(config.amp, device):
-            output = model(images, vocabulary, target=target)
+            output = model(images, step_vocabulary, target=target)
             losses = method.loss(output, target)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)

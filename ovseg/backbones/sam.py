@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -478,6 +477,7 @@ class SamBackbone(nn.Module):
             The path of the weights file.
         """
         base = _strip_safetensors_suffix(Path(path))
+        base.parent.mkdir(parents=True, exist_ok=True)
         weights_path = base.parent / (base.name + _SAFETENSORS_SUFFIX)
         config_path = base.parent / (base.name + ".json")
         state_dict = {
@@ -549,7 +549,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+    except Exception as error:
+        # torch's weights-only unpickler fails on garbage with whatever error the bytes provoke
+        # (IndexError, KeyError, UnicodeDecodeError, ...); every one means "not a checkpoint".
         raise ValueError(
             f"{path} is not a readable PyTorch checkpoint: it is corrupt, truncated or holds "
             f"more than tensors ({_torch_load_reason(error)})"
