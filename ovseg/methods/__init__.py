@@ -1,6 +1,9 @@
 """Segmentation methods. Importing this package registers every method with the registry."""
 
-from ovseg.methods import dense_clip  # noqa: F401  (registers "dense-clip")
+# Importing a method module registers it; the order is the demo's column order.
+from ovseg.methods import dense_clip  # noqa: F401, I001  (registers "dense-clip")
+from ovseg.methods import dpseg  # noqa: F401  (registers "dpseg")
+from ovseg.methods import dcp_clip  # noqa: F401  (registers "dcp-clip")
 from ovseg.methods.base import (
     IGNORE_INDEX,
     METHODS,

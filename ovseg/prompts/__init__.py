@@ -1,0 +1,1 @@
+"""Prompts: text templates and visual prompt generators with their cache."""

@@ -1,0 +1,673 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ovseg
+import ovseg.backbones
+from ovseg.backbones import DenseFeatures, WeightsError, load_backbone
+from ovseg.methods.base import IGNORE_INDEX, save_weights
+from ovseg.methods.blocks import cosine_cost_volume
+from ovseg.methods.dcp_clip import (
+    NOT_SELECTED_LOGIT,
+    DcpClip,
+    DcpClipConfig,
+    DcpClipOutput,
+    build_dcp_clip,
+    select_categories,
+    tag_validation,
+)
+
+TEMPLATES = ("a photo of a {}.", "a {}.")
+VOCABULARY = [f"class {i}" for i in range(8)]
+THINGS = [f"thing {i}" for i in range(30)]  # enough classes that DCS leaves some out
+
+
+def small_config(**changes):
+    """The paper's architecture at a width and window that run in milliseconds."""
+    config = DcpClipConfig(
+        input_size=64,
+        templates=TEMPLATES,
+        cost_dim=32,
+        cross_attention_heads=4,
+        self_attention_heads=2,
+        swin_heads=2,
+        window_size=4,
+        tv_rank=2,
+    )
+    return config.replace(**changes)
+
+
+def trained(method):
+    method.trained_head = True
+    return method.eval()
+
+
+def image_features(features, index):
+    """The features of one image of a batch."""
+    return DenseFeatures(
+        dense=features.dense[index : index + 1],
+        global_embedding=features.global_embedding[index : index + 1],
+        intermediates={k: v[index : index + 1] for k, v in features.intermediates.items()},
+        attention=features.attention[index : index + 1],
+        stride=features.stride,
+        input_size=features.input_size,
+    )
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    # Not the session fixture: DCP-CLIP sets its backbone's requires_grad flags.
+    return load_backbone("toy-vit", "random")
+
+
+@pytest.fixture(scope="module")
+def method(backbone):
+    torch.manual_seed(0)
+    return trained(DcpClip(config=small_config(), backbone=backbone))
+
+
+@pytest.fixture(scope="module")
+def images():
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(2, 3, 64, 64, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def features(method, images):
+    with torch.no_grad():
+        return method.encode_image(images)
+
+
+@pytest.fixture(autouse=True)
+def no_shipped_weights(monkeypatch, tmp_path):
+    # Builder tests must not pick up a trained head that appears in assets/ later.
+    monkeypatch.setattr(ovseg.backbones, "ASSETS_DIR", tmp_path / "assets")
+
+
+def random_inputs(seed, classes=50, batch=2):
+    generator = torch.Generator().manual_seed(seed)
+    cls = torch.randn(batch, 16, generator=generator)
+    dense = torch.randn(batch, 16, 4, 5, generator=generator)
+    text = torch.randn(classes, 16, generator=generator)
+    return cls, dense, text
+
+
+# ------------------------------------------------------------------ Dynamic Category Selection
+
+
+def test_dcs_scores_follow_eqs_1_and_2():
+    cls, dense, text = random_inputs(0)
+    selection = select_categories(cls, dense, text, theta=0.5, tau=100.0)
+    patches = dense.flatten(2).transpose(1, 2)  # B×N×D
+    patch_scores = F.cosine_similarity(patches[:, None], text[None, :, None], dim=-1)
+    image_scores = (100 * F.cosine_similarity(cls[:, None], text[None], dim=-1)).softmax(-1)
+    torch.testing.assert_close(selection.patch_scores, patch_scores)
+    torch.testing.assert_close(selection.image_scores, image_scores)
+    torch.testing.assert_close(selection.image_scores.sum(-1), torch.ones(2))
+    suppressed = patch_scores - image_scores[..., None] * patch_scores  # Eq. 2
+    torch.testing.assert_close(selection.refined_patch_scores, suppressed)
+    assert torch.equal(
+        selection.refined_patch_scores,
+        selection.patch_scores * (1 - selection.image_scores[..., None]),
+    )
+
+
+def test_dcs_selects_the_union_of_patch_winners_and_confident_classes():
+    cls, dense, text = random_inputs(1)
+    cls[0] = text[7]  # image 0 is confidently class 7
+    selection = select_categories(cls, dense, text, theta=0.5, tau=100.0)
+    assert selection.from_image[0].nonzero().flatten().tolist() == [7]
+    for image, indices in enumerate(selection.indices()):
+        winners = set(selection.refined_patch_scores[image].argmax(0).tolist())
+        confident = set((selection.image_scores[image] > 0.5).nonzero().flatten().tolist())
+        assert set(indices) == winners | confident  # Eq. 5: a union
+        assert indices == sorted(set(indices))
+        assert set(selection.from_patch[image].nonzero().flatten().tolist()) == winners
+    assert selection.num_selected.tolist() == [len(i) for i in selection.indices()]
+
+
+def test_theta_changes_only_the_image_level_set():
+    cls, dense, text = random_inputs(2, classes=30)
+    cls[1] = text[3] + 0.5 * text[4]
+    reference = select_categories(cls, dense, text, theta=0.5, tau=20.0)
+    for theta, at_most in [(0.2, 4), (0.5, 1), (0.8, 1), (0.99, 1)]:
+        selection = select_categories(cls, dense, text, theta=theta, tau=20.0)
+        assert torch.equal(selection.from_patch, reference.from_patch)
+        assert (selection.from_image.sum(-1) <= at_most).all()
+    everything = select_categories(cls, dense, text, theta=0.0, tau=20.0)
+    assert everything.selected.all()
+
+
+def test_theta_zero_keeps_classes_whose_probability_underflows():
+    cls, dense, text = random_inputs(3)
+    selection = select_categories(cls, dense, text, theta=0.0, tau=1e4)
+    assert (selection.image_scores == 0).any()  # exp underflow in float32 ...
+    assert selection.selected.all()  # ... but θ = 0 still means "no selection"
+
+
+def test_a_dominant_class_is_suppressed_at_patch_level_and_kept_by_the_image_level():
+    generator = torch.Generator().manual_seed(4)
+    text = torch.linalg.qr(torch.randn(16, 6, generator=generator)).Q.T  # orthonormal classes
+    dense = (text[0] + 0.6 * text[2])[None, :, None, None].repeat(1, 1, 3, 3)
+    dense[..., 0, :] = (text[0] + 0.6 * text[5])[:, None]
+    cls = text[0][None]
+    selection = select_categories(cls, dense, text, theta=0.5, tau=100.0)
+    assert selection.raw_patch_winners.unique().tolist() == [0]
+    assert 0 not in selection.patch_winners[0].tolist()
+    assert selection.indices() == [[0, 2, 5]]
+    table = selection.table([f"c{i}" for i in range(6)])[0]
+    assert table[0]["reason"] == "image score > θ"
+    assert table[0]["patch_votes_before_suppression"] == 9
+    assert table[2]["reason"] == "patch votes" and table[2]["patch_votes"] == 6
+    assert not table[1]["selected"] and table[1]["reason"] == "not selected"
+
+
+def test_selection_table_has_a_row_per_class(method, features):
+    output = method.segment(features, VOCABULARY, return_intermediates=True)
+    tables = output.intermediates["selection_table"]
+    selection = output.intermediates["selection"]
+    assert len(tables) == 2 and all(len(rows) == len(VOCABULARY) for rows in tables)
+    for image, rows in enumerate(tables):
+        selected = [row["index"] for row in rows if row["selected"]]
+        assert selected == output.intermediates["selected_classes"][image]
+        assert selected == selection.indices()[image]
+        assert sum(row["patch_votes"] for row in rows) == 64  # an 8×8 patch grid
+        for row in rows:
+            assert row["name"] == VOCABULARY[row["index"]]
+            assert row["above_theta"] == (row["image_score"] > 0.5)
+            assert row["selected"] == (row["above_theta"] or row["in_patch_set"])
+
+
+def test_theta_and_tau_are_segment_options(method, features):
+    everything = method.segment(features, VOCABULARY, theta=0.0, return_intermediates=True)
+    assert everything.intermediates["num_selected"] == [8, 8]
+    strict = method.segment(features, VOCABULARY, theta=0.9, tau=1.0, return_intermediates=True)
+    assert strict.intermediates["selection"].tau == 1.0
+    assert strict.intermediates["selection"].theta == 0.9
+    with pytest.raises(ValueError, match="sharpness"):
+        method.segment(features, VOCABULARY, sharpness=2)
+    with pytest.raises(ValueError, match="theta"):
+        method.segment(features, VOCABULARY, theta=1.5)
+
+
+def test_ground_truth_classes_are_forced_in_only_when_asked(backbone, images):
+    torch.manual_seed(0)
+    method = trained(DcpClip(config=small_config(), backbone=backbone))
+    with torch.no_grad():
+        features = method.encode_image(images[:1])
+        plain = method.segment(features, THINGS, return_intermediates=True)
+        missing = sorted(set(range(30)) - set(plain.intermediates["selected_classes"][0]))
+        assert missing, "the test needs a class DCS leaves out"
+        target = torch.full((1, 64, 64), IGNORE_INDEX)
+        target[0, :20] = missing[0]
+        forced = method.segment(features, THINGS, target=target, return_intermediates=True)
+        row = forced.intermediates["selection_table"][0][missing[0]]
+        assert row["selected"] and "ground truth" in row["reason"]
+        assert forced.intermediates["num_selected"][0] == plain.intermediates["num_selected"][0] + 1
+        method.config = method.config.replace(train_force_gt_classes=False)
+        unforced = method.segment(features, THINGS, target=target, return_intermediates=True)
+    assert missing[0] not in unforced.intermediates["selected_classes"][0]
+
+
+def test_max_selected_caps_the_selection():
+    cls, dense, text = random_inputs(5, classes=40)
+    selection = select_categories(cls, dense, text, theta=0.5, tau=100.0)
+    assert (selection.num_selected > 3).all()
+    capped = selection.capped(3)
+    assert (capped.num_selected == 3).all()
+    for image, indices in enumerate(capped.indices()):
+        votes = selection.patch_votes[image]
+        confident = selection.from_image[image]
+        assert set(confident.nonzero().flatten().tolist()) <= set(indices)  # image level first
+        kept_votes = min(int(votes[i]) for i in indices if not confident[i])
+        dropped = sorted(set(selection.indices()[image]) - set(indices))
+        assert (votes[dropped] <= kept_votes).all()
+        assert capped.table([str(i) for i in range(40)])[image][dropped[0]]["reason"].startswith(
+            "dropped"
+        )
+
+
+# ----------------------------------------------------------------------------- scatter, shapes
+
+
+def test_unselected_classes_get_a_very_low_logit_and_never_win(method, features):
+    vocabulary = [f"thing {i}" for i in range(30)]
+    output = method.segment(features, vocabulary, return_intermediates=True, tag_validation=False)
+    assert output.logits.shape == (2, 30, 64, 64)
+    assert torch.isfinite(output.logits).all()
+    for image, indices in enumerate(output.intermediates["selected_classes"]):
+        unselected = sorted(set(range(30)) - set(indices))
+        assert unselected, "the test needs classes DCS leaves out"
+        assert (output.logits[image, unselected] == NOT_SELECTED_LOGIT).all()
+        assert (output.logits[image, indices] > NOT_SELECTED_LOGIT).all()
+        labels = set(output.logits[image].argmax(0).unique().tolist())
+        assert labels <= set(indices)
+        assert torch.equal(output.intermediates["labels"][image], output.logits[image].argmax(0))
+
+
+def test_intermediates_have_the_papers_shapes(method, features):
+    output = method.segment(features, VOCABULARY, return_intermediates=True)
+    inter = output.intermediates
+    selected = max(inter["num_selected"])
+    assert inter["cost_features"].shape == (2, selected, 64, 32)  # F_cv: B×C_s×N×D_c
+    assert inter["refined_cost_features"].shape == (2, selected, 64, 32)  # F_cv^ref
+    assert inter["textual_guidance"].shape == (2, selected, 128)  # T_g: C_s×D
+    assert inter["refined_patch_features"].shape == (2, 64, 128)  # F_patch^ref: N×D
+    assert inter["cross_attention"].shape == (2, 64, selected)
+    assert inter["fine_features"].shape == (2, selected, 8, 32, 32)  # F_last: 4²N × D_c/4
+    assert inter["coarse_labels"].shape == (2, 8, 8)
+    assert inter["fine_labels"].shape == inter["labels"].shape == (2, 64, 64)
+    assert inter["patch_winners"].shape == inter["patch_winners_raw"].shape == (2, 8, 8)
+    for image, indices in enumerate(inter["selected_classes"]):
+        assert set(inter["coarse_labels"][image].unique().tolist()) <= set(indices)
+
+
+def test_a_batch_with_different_selections_matches_single_images(method, features):
+    batch = method.segment(features, THINGS, return_intermediates=True, tv_rank=0)
+    sizes = batch.intermediates["num_selected"]
+    assert sizes[0] != sizes[1], "the test needs two images with different C_s"
+    for image in range(2):
+        single = method.segment(image_features(features, image), THINGS, tv_rank=0)
+        torch.testing.assert_close(single.logits[0], batch.logits[image], atol=1e-4, rtol=1e-4)
+
+
+def test_permuting_the_vocabulary_permutes_the_logits(method, features):
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    vocabulary = [VOCABULARY[i] for i in order]
+    output = method.segment(features, VOCABULARY)
+    permuted = method.segment(features, vocabulary)
+    torch.testing.assert_close(permuted.logits, output.logits[:, order], atol=1e-4, rtol=1e-4)
+
+
+def test_the_head_runs_on_the_selected_classes_only(method, backbone):
+    names = [f"concept {i}" for i in range(847)]
+    with torch.no_grad():
+        text = backbone.encode_text(names, TEMPLATES).mean
+        features = method.encode_image(torch.rand(1, 3, 64, 64))
+    # Patches that look exactly like three of the 847 classes, and an uninformative [CLS].
+    dense = torch.zeros_like(features.dense)
+    dense[..., :3, :] = text[5][:, None, None]
+    dense[..., 3:6, :] = text[100][:, None, None]
+    dense[..., 6:, :] = text[700][:, None, None]
+    features = dataclasses.replace(features, dense=dense)
+    seen_classes = []
+    hooks = [
+        module.register_forward_pre_hook(lambda _, args: seen_classes.append(args[0].shape[1]))
+        for module in (method.cost_embedding, method.decoder)
+    ]
+    try:
+        with torch.no_grad():
+            output = method.segment(features, names, return_intermediates=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    selected = output.intermediates["selected_classes"][0]
+    assert {5, 100, 700} <= set(selected) and len(selected) <= 10
+    assert seen_classes and max(seen_classes) == len(selected) < 847
+    assert output.logits.shape == (1, 847, 64, 64)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_only_query_value_rows_and_position_embeddings_of_clip_are_trainable(backbone):
+    DcpClip(config=small_config(), backbone=backbone)
+    trainable = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
+    expected = {
+        n
+        for n, _ in backbone.model.named_parameters()
+        if n.endswith(("attn.in_proj_weight", "attn.in_proj_bias", "positional_embedding"))
+    }
+    assert trainable == expected
+    assert "visual.positional_embedding" in trainable and "positional_embedding" in trainable
+    assert any(n.startswith("transformer.") for n in trainable)  # the text tower too
+
+
+def test_frozen_clip_option_freezes_all_of_clip(images):
+    backbone = load_backbone("toy-vit", "random")
+    method = trained(DcpClip(config=small_config(finetune_clip=False), backbone=backbone))
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert [group["lr"] for group in method.parameter_groups(2e-4)] == [2e-4]
+
+
+def test_a_single_class_vocabulary_works_on_both_paths(method, features, backbone, images):
+    output = method.segment(features, ["cat"], return_intermediates=True)
+    assert output.logits.shape == (2, 1, 64, 64)
+    assert output.intermediates["selected_classes"] == [[0], [0]]
+    free = DcpClip(config=small_config(), backbone=backbone).eval()
+    with torch.no_grad():
+        assert free.segment(free.encode_image(images), ["cat"]).logits.shape == (2, 1, 64, 64)
+
+
+def test_parameter_groups_follow_the_paper(method):
+    groups = method.parameter_groups(2e-4)
+    assert sorted({group["lr"] for group in groups}) == pytest.approx([2e-6, 2e-4])
+    head = [g for g in groups if g["lr"] == 2e-4]
+    assert len(head) == 1 and head[0]["weight_decay"] == 1e-4
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in method.parameters() if p.requires_grad}
+    head_ids = {id(p) for p in head[0]["params"]}
+    assert head_ids == {
+        id(p) for n, p in method.named_parameters() if not n.startswith("backbone.")
+    }
+    torch.optim.AdamW(groups, weight_decay=1e-4)  # the groups are valid optimiser input
+
+
+def test_an_optimiser_step_moves_query_and_value_rows_only(images):
+    torch.manual_seed(0)
+    backbone = load_backbone("toy-vit", "random")
+    method = DcpClip(config=small_config(), backbone=backbone).train()
+    optimiser = torch.optim.AdamW(method.parameter_groups(2e-4), weight_decay=1e-4)
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    target = torch.randint(0, 8, (2, 64, 64))
+    target[:, :8] = IGNORE_INDEX
+    output = method.segment(method.encode_image(images), VOCABULARY, target=target)
+    method.loss(output, target)["loss_bce"].backward()
+    optimiser.step()
+    after = dict(method.named_parameters())
+    width = {"backbone.model.visual": 192, "backbone.model.transformer": 128}
+    for tower, size in width.items():
+        name = f"{tower}.transformer.resblocks.0.attn.in_proj_weight".replace(
+            "transformer.transformer", "transformer"
+        )
+        rows = {"q": slice(0, size), "k": slice(size, 2 * size), "v": slice(2 * size, None)}
+        assert torch.equal(after[name][rows["k"]], before[name][rows["k"]]), name
+        assert not torch.equal(after[name][rows["q"]], before[name][rows["q"]]), name
+        assert not torch.equal(after[name][rows["v"]], before[name][rows["v"]]), name
+        assert (after[name].grad[rows["k"]] == 0).all()
+        bias = name.replace("weight", "bias")
+        assert torch.equal(after[bias][rows["k"]], before[bias][rows["k"]])
+    for name in (
+        "backbone.model.visual.transformer.resblocks.0.attn.out_proj.weight",
+        "backbone.model.visual.conv1.weight",
+        "backbone.model.token_embedding.weight",
+    ):
+        assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert not torch.equal(
+        after["backbone.model.visual.positional_embedding"],
+        before["backbone.model.visual.positional_embedding"],
+    )
+
+
+def test_training_refreshes_the_selection_text_every_n_calls(images, monkeypatch):
+    backbone = load_backbone("toy-vit", "random")
+    method = DcpClip(config=small_config(dcs_text_refresh_iters=2), backbone=backbone).train()
+    encoded = []
+    original = backbone.encode_text
+
+    def counting(vocabulary, templates):
+        result = original(vocabulary, templates)
+        encoded.append((len(vocabulary), result.mean.requires_grad))
+        return result
+
+    monkeypatch.setattr(backbone, "encode_text", counting)
+    features = method.encode_image(images[:1])
+    for _ in range(3):
+        output = method.segment(features, THINGS)
+    whole = [grad for count, grad in encoded if count == len(THINGS)]
+    assert whole == [False, False]  # calls 0 and 2, without gradient
+    selected = [(count, grad) for count, grad in encoded if count != len(THINGS)]
+    assert len(selected) == 3 and all(grad for _, grad in selected)
+    assert selected[-1][0] == int(output.class_mask.sum())
+
+
+def test_loss_is_binary_cross_entropy_over_the_selected_channels():
+    generator = torch.Generator().manual_seed(0)
+    selected_logits = torch.randn(2, 3, 4, 4, generator=generator)
+    classes = torch.tensor([[0, 2, 5], [1, 4, 1]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    target = torch.randint(0, 6, (2, 4, 4), generator=generator)
+    target[0, 0] = IGNORE_INDEX
+    output = DcpClipOutput(
+        logits=torch.zeros(2, 6, 4, 4),
+        selected_logits=selected_logits,
+        selected_classes=classes,
+        class_mask=mask,
+    )
+    expected = []
+    for image in range(2):
+        terms = []
+        for slot in range(3):
+            if not mask[image, slot]:
+                continue
+            for y in range(4):
+                for x in range(4):
+                    label = int(target[image, y, x])
+                    if label == IGNORE_INDEX:
+                        continue
+                    z = float(selected_logits[image, slot, y, x])
+                    positive = label == int(classes[image, slot])
+                    p = 1 / (1 + math.exp(-z))
+                    terms.append(-math.log(p if positive else 1 - p))
+        expected.append(sum(terms) / len(terms))
+    loss = DcpClip.loss(None, output, target)["loss_bce"]
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- tag validation
+
+
+def tag_validation_inputs():
+    generator = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    dense = torch.zeros(8, 4, 4)
+    dense[:, :2, :] = (text[3] + 0.2 * text[1])[:, None, None]  # predicted 1, looks like 3
+    dense[:, 2:, :2] = text[2][:, None, None]  # predicted 2, looks like 2
+    dense[:, 2:, 2:] = text[4][:, None, None]  # predicted 0 (seen), looks like 4
+    labels = torch.zeros(16, 16, dtype=torch.long)
+    labels[:8] = 1
+    labels[8:, :8] = 2
+    return labels, dense, text
+
+
+def pooled_rank(dense_region, text, label):
+    scores = F.normalize(dense_region, dim=0) @ text.T
+    return 1 + int((scores > scores[label]).sum()), int(scores.argmax())
+
+
+def test_tag_validation_relabels_unseen_regions_whose_label_ranks_below_k():
+    labels, dense, text = tag_validation_inputs()
+    seen = torch.tensor([True, False, False, True, True, True])
+    rank, best = pooled_rank(dense[:, 0, 0], text, 1)
+    assert best == 3 and rank > 1
+    for k in range(6):
+        new_labels, decisions = tag_validation(labels, dense, text, seen=seen, rank_cutoff=k)
+        by_class = {d.region_class: d for d in decisions}
+        assert set(by_class) == {1, 2}  # seen class 0 is never examined
+        assert by_class[1].rank == rank and by_class[2].rank == 1
+        relabel = rank > k
+        assert by_class[1].relabelled == relabel
+        assert torch.equal(new_labels[:8] == 3, torch.full((8, 16), relabel))
+        assert (new_labels[8:, :8] == 2).all()
+        assert (new_labels[8:, 8:] == 0).all()  # the seen region is left alone
+
+
+def test_tag_validation_with_k_zero_takes_the_pooled_argmax_everywhere_unseen():
+    labels, dense, text = tag_validation_inputs()
+    seen = torch.zeros(6, dtype=torch.bool)
+    new_labels, _ = tag_validation(labels, dense, text, seen=seen, rank_cutoff=0)
+    assert (new_labels[:8] == 3).all()
+    assert (new_labels[8:, :8] == 2).all()
+    assert (new_labels[8:, 8:] == 4).all()
+
+
+def test_tag_validation_changes_nothing_for_seen_classes_or_large_k():
+    labels, dense, text = tag_validation_inputs()
+    all_seen = torch.ones(6, dtype=torch.bool)
+    new_labels, decisions = tag_validation(labels, dense, text, seen=all_seen, rank_cutoff=0)
+    assert torch.equal(new_labels, labels) and decisions == []
+    none_seen = torch.zeros(6, dtype=torch.bool)
+    new_labels, _ = tag_validation(labels, dense, text, seen=none_seen, rank_cutoff=6)
+    assert torch.equal(new_labels, labels)
+
+
+def test_tag_validation_can_be_restricted_to_candidates():
+    labels, dense, text = tag_validation_inputs()
+    seen = torch.tensor([True, False, False, True, True, True])
+    candidates = torch.tensor([True, True, True, False, False, True])
+    new_labels, decisions = tag_validation(
+        labels, dense, text, seen=seen, rank_cutoff=0, candidates=candidates
+    )
+    assert 3 not in new_labels.unique().tolist()
+    assert all(d.new_class in (0, 1, 2, 5) for d in decisions)
+
+
+def test_segment_applies_tag_validation_to_unseen_regions(method, features):
+    seen = tuple(VOCABULARY[:4])
+    before = method.segment(features, VOCABULARY, tag_validation=False, return_intermediates=True)
+    after = method.segment(
+        features, VOCABULARY, seen_classes=seen, tv_rank=0, return_intermediates=True
+    )
+    fine, labels = after.intermediates["fine_labels"], after.intermediates["labels"]
+    assert torch.equal(fine, before.intermediates["labels"])
+    assert torch.equal(labels, after.logits.argmax(1))
+    seen_pixels = fine < 4
+    assert torch.equal(labels[seen_pixels], fine[seen_pixels])
+    changes = [d for image in after.intermediates["tag_validation"] for d in image]
+    assert all(d["from"] >= 4 for d in changes)
+    relabelled = [d for d in changes if d["relabelled"]]
+    assert relabelled, "tv_rank=0 must relabel some unseen region of a random model"
+    for change in relabelled:
+        region = fine[change["image"]] == change["from"]
+        assert (labels[change["image"]][region] == change["to"]).all()
+    untouched = method.segment(features, VOCABULARY, seen_classes=seen, tv_rank=8)
+    torch.testing.assert_close(untouched.logits, before.logits)
+
+
+# ---------------------------------------------------------------------------- ablations
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"use_dcs": False},
+        {"use_tga": False},
+        {"tga_cross_attention": False},
+        {"tga_self_attention": False},
+        {"tga_cross_attention": False, "tga_self_attention": False},
+        {"guidance_cls_logits": "none"},
+        {"guidance_cls_logits": "none", "guidance_prompt": False},
+        {"guidance_cls_logits": "hadamard"},
+        {"sed_layers": 0},
+        {"sed_layers": 1},
+        {"spatial_enhance": False},
+        {"fuse_patch": False, "fuse_sim": False, "fuse_attention": False},
+        {"fuse_attention": False},
+        {"use_tga": False, "sed_layers": 0, "use_dcs": False},
+    ],
+)
+def test_ablation_switches_build_and_run(backbone, images, changes):
+    torch.manual_seed(0)
+    method = trained(DcpClip(config=small_config(**changes), backbone=backbone))
+    with torch.no_grad():
+        output = method.segment(method.encode_image(images[:1]), VOCABULARY)
+    assert output.logits.shape == (1, 8, 64, 64)
+    assert torch.isfinite(output.logits).all()
+    names = {n for n, _ in method.named_parameters() if not n.startswith("backbone.")}
+    assert (method.alignment is None) == (changes.get("use_tga") is False)
+    assert (method.decoder is None) == (changes.get("sed_layers") == 0)
+    has_guidance = method.alignment is not None and method.alignment.guidance is not None
+    expects_prompt = has_guidance and changes.get("guidance_prompt", True)
+    assert any(n.endswith(".prompt") for n in names) == expects_prompt
+    if changes.get("use_dcs") is False:
+        selection = method.segment(
+            method.encode_image(images[:1]), VOCABULARY, return_intermediates=True
+        ).intermediates["selection"]
+        assert selection.selected.all()
+
+
+def test_decoder_depth_sets_the_output_resolution(backbone, images):
+    for layers, size in [(0, 8), (1, 16), (2, 32)]:
+        method = trained(DcpClip(config=small_config(sed_layers=layers), backbone=backbone))
+        with torch.no_grad():
+            output = method.segment(
+                method.encode_image(images[:1]), VOCABULARY, return_intermediates=True
+            )
+        assert output.intermediates["fine_features"].shape[-1] == size
+
+
+# ---------------------------------------------------------------------------- training-free
+
+
+def test_training_free_path_is_the_maskclip_cost_volume_over_selected_classes(backbone, images):
+    config = dataclasses.asdict(small_config())
+    del config["backbone"]
+    method = ovseg.load("dcp-clip", backbone=backbone, **config)
+    assert not method.trained_head
+    with torch.no_grad():
+        features = method.encode_image(images)
+        maskclip = backbone.encode_image(backbone.normalize(images), dense_mode="maskclip")
+        torch.testing.assert_close(features.dense, maskclip.dense)
+        output = method.segment(features, VOCABULARY, return_intermediates=True)
+        text = backbone.encode_text(VOCABULARY, TEMPLATES).mean
+    cost = cosine_cost_volume(maskclip.dense, text) / method.config.temperature
+    expected = F.interpolate(cost, size=(64, 64), mode="bilinear", align_corners=False)
+    for image, indices in enumerate(output.intermediates["selected_classes"]):
+        torch.testing.assert_close(output.logits[image, indices], expected[image, indices])
+        others = sorted(set(range(8)) - set(indices))
+        assert (output.logits[image, others] == NOT_SELECTED_LOGIT).all()
+
+
+# ---------------------------------------------------------------------------- builder, weights
+
+
+def test_builder_without_shipped_weights_falls_back_to_training_free(backbone):
+    method = build_dcp_clip(backbone=backbone, input_size=64, templates=TEMPLATES)
+    assert isinstance(method, DcpClip) and not method.trained_head
+    with pytest.raises(WeightsError):
+        build_dcp_clip(backbone=backbone, weights="/nonexistent/dcp.safetensors")
+
+
+def test_saved_weights_load_back_as_a_trained_head(backbone, images, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = trained(DcpClip(config=small_config(), backbone=load_backbone("toy-vit", "random")))
+    with torch.no_grad():
+        source.head.bias.fill_(0.3)
+        expected = source(images[:1], VOCABULARY).logits
+    path = save_weights(source, tmp_path / "dcp")
+    shared_before = backbone.model.visual.conv1.weight.clone()
+    loaded = build_dcp_clip(backbone=backbone, weights=str(path))
+    assert loaded.trained_head and loaded.config.cost_dim == 32  # config read from the JSON
+    assert torch.equal(backbone.model.visual.conv1.weight, shared_before)  # shared one untouched
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images[:1], VOCABULARY).logits, expected)
+    monkeypatch.setattr(ovseg.backbones, "ASSETS_DIR", tmp_path)
+    save_weights(source, tmp_path / "dcp-clip-toy")
+    assert build_dcp_clip(backbone=backbone).trained_head
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError):
+        build_dcp_clip(backbone=backbone, weights=str(path))
+
+
+def test_non_vit_backbones_are_refused(toy_convnext):
+    with pytest.raises(ValueError, match="ViT"):
+        DcpClip(config=small_config(), backbone=toy_convnext)
+
+
+@pytest.mark.slow
+def test_vit_b16_shapes_at_384():
+    clip = load_backbone("ViT-B-16", None)
+    method = trained(
+        DcpClip(config=DcpClipConfig(input_size=384, templates=TEMPLATES), backbone=clip)
+    )
+    new_parameters = sum(
+        p.numel() for n, p in method.named_parameters() if not n.startswith("backbone.")
+    )
+    assert 9e6 < new_parameters < 15e6  # the paper's "+10 M learnable over CAT-Seg"
+    with torch.no_grad():
+        features = method.encode_image(torch.rand(1, 3, 384, 384))
+        output = method.segment(features, ["cat", "sky"], return_intermediates=True)
+    inter = output.intermediates
+    selected = inter["num_selected"][0]
+    assert features.dense.shape == (1, 512, 24, 24)  # F_patch: N = 576, D = 512
+    assert inter["cost_features"].shape == (1, selected, 576, 128)
+    assert inter["refined_cost_features"].shape == (1, selected, 576, 128)
+    assert inter["textual_guidance"].shape == (1, selected, 512)
+    assert inter["refined_patch_features"].shape == (1, 576, 512)
+    assert inter["fine_features"].shape == (1, selected, 32, 96, 96)  # 4²·576 positions × 32
+    assert output.logits.shape == (1, 2, 384, 384)

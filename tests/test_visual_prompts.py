@@ -1,0 +1,366 @@
+"""Visual prompt generators and the prompt bank (DPSeg spec §3, acceptance check 12)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ovseg.data.toyworld import ToyWorld
+from ovseg.prompts.visual import (
+    BlackPromptImageError,
+    MissingVisualPromptsError,
+    NoisyPromptGenerator,
+    StableDiffusionGenerator,
+    ToyWorldSpriteGenerator,
+    VisualPromptBank,
+    VisualPromptError,
+    VisualPromptGenerator,
+    add_prompt_noise,
+    is_black_image,
+)
+
+TEMPLATES = ("a photo of a {}.", "a {} in the scene.", "a photo of many {}.")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ToyWorld(image_size=64)
+
+
+@pytest.fixture(scope="module")
+def sprites(world):
+    return ToyWorldSpriteGenerator(world=world, resolution=32)
+
+
+def colour_encoder(images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A stand-in frozen encoder: channel means and standard deviations, two 'stages'."""
+    means, stds = images.mean(dim=(2, 3)), images.std(dim=(2, 3))
+    return torch.cat([means, stds], dim=1), [means, stds[:, :2]]
+
+
+def make_bank(generator, tmp_path, **kwargs) -> VisualPromptBank:
+    return VisualPromptBank(
+        generator=generator,
+        encoder=colour_encoder,
+        encoder_id="colour-stats",
+        cache_dir=tmp_path,
+        progress=False,
+        **kwargs,
+    )
+
+
+class ListGenerator:
+    """Flat-colour images; classes named in ``black`` come back black."""
+
+    resolution = 16
+    id = "flat-colours"
+
+    def __init__(self, black: tuple[str, ...] = ()) -> None:
+        self.black = black
+        self.calls = 0
+
+    def subject(self, synonyms):
+        return synonyms if isinstance(synonyms, str) else synonyms[0]
+
+    def generate(self, synonyms, template_index, template, seed):
+        self.calls += 1
+        if self.subject(synonyms) in self.black:
+            return np.zeros((16, 16, 3), np.uint8)
+        colour = np.random.default_rng(seed).integers(10, 255, 3)
+        return np.broadcast_to(colour.astype(np.uint8), (16, 16, 3)).copy()
+
+
+# ------------------------------------------------------------------------------ ToyWorld sprites
+
+
+def test_toyworld_generator_finds_classes_by_name_or_synonym(world, sprites):
+    cat = world.class_names.index("cat")
+    synonym = world.classes[cat].synonyms[0]
+    assert sprites.class_id("cat") == cat
+    assert sprites.class_id(synonym.upper()) == cat
+    assert sprites.class_id(("no such thing", "  Cat ")) == cat
+    assert sprites.subject((synonym,)) == "cat"
+    image = sprites.generate(("cat",), 3, "a photo of a {}.", seed=11)
+    np.testing.assert_array_equal(image, world.sprite_image(cat, 11, size=32))
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert isinstance(sprites, VisualPromptGenerator)
+
+
+def test_toyworld_generator_refuses_unknown_names_unless_asked_for_noise(world):
+    strict = ToyWorldSpriteGenerator(world=world, resolution=32)
+    with pytest.raises(VisualPromptError, match=r"no class named 'catt'.*cat"):
+        strict.subject("catt")
+    lenient = ToyWorldSpriteGenerator(world=world, resolution=32, unknown="noise")
+    first = lenient.generate("mirror", 0, "a photo of a {}.", seed=5)
+    np.testing.assert_array_equal(first, lenient.generate("mirror", 0, "x {}", seed=5))
+    assert not np.array_equal(first, lenient.generate("mirror", 0, "x {}", seed=6))
+    assert lenient.subject("mirror") != lenient.subject("cat")
+
+
+# -------------------------------------------------------------------------------------- noise
+
+
+def test_prompt_noise_is_variance_preserving_mixing():
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(add_prompt_noise(image, 0.0, seed=1), image)
+    other = 255 - image
+    pure = add_prompt_noise(image, 1.0, seed=1)
+    np.testing.assert_array_equal(pure, add_prompt_noise(other, 1.0, seed=1))  # no image left
+    mixed = add_prompt_noise(image, 0.6, seed=1).astype(np.float64) / 127.5 - 1
+    epsilon = np.random.default_rng([1, 0x5EED]).standard_normal(image.shape, np.float32)
+    expected = np.clip(np.sqrt(0.4) * (image / 127.5 - 1) + np.sqrt(0.6) * epsilon, -1, 1)
+    np.testing.assert_allclose(mixed, expected, atol=1 / 127.5)
+
+
+def test_noisy_generator_keys_the_cache_separately(sprites, tmp_path):
+    noisy = NoisyPromptGenerator(sprites, noise=0.2)
+    assert noisy.id != sprites.id and noisy.resolution == sprites.resolution
+    clean = sprites.generate("cat", 0, TEMPLATES[0], seed=3)
+    np.testing.assert_array_equal(
+        noisy.generate("cat", 0, TEMPLATES[0], seed=3), add_prompt_noise(clean, 0.2, 3)
+    )
+    clean_bank, noisy_bank = make_bank(sprites, tmp_path), make_bank(noisy, tmp_path)
+    entry = clean_bank.entries(["cat"], TEMPLATES)[0][0]
+    assert clean_bank.image_path(entry) != noisy_bank.image_path(entry)
+
+
+# --------------------------------------------------------------------------------------- bank
+
+
+def test_bank_is_deterministic_and_caches_exactly_k_times_m_entries(sprites, tmp_path):
+    vocabulary = [("cat",), ("grass", "lawn"), "sky"]
+    first = make_bank(sprites, tmp_path / "a").embeddings(vocabulary, TEMPLATES)
+    again = make_bank(sprites, tmp_path / "b").embeddings(vocabulary, TEMPLATES)
+    assert first.embeddings.shape == (3, 3, 6)
+    assert [p.shape for p in first.pooled] == [(3, 3, 3), (3, 3, 2)]
+    assert torch.equal(first.embeddings, again.embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(first.pooled, again.pooled, strict=True))
+    for root in (tmp_path / "a", tmp_path / "b"):
+        assert len(list((root / "images").rglob("*.png"))) == 3 * 3
+        assert len(list((root / "embeddings").rglob("*.safetensors"))) == 3 * 3
+    bank = make_bank(sprites, tmp_path / "a")
+    images = bank.images(vocabulary, TEMPLATES)
+    again_images = make_bank(sprites, tmp_path / "b").images(vocabulary, TEMPLATES)
+    for row, other in zip(images, again_images, strict=True):
+        for image, same in zip(row, other, strict=True):
+            np.testing.assert_array_equal(image, same)
+    # The stored embedding is the encoder's output for the stored image.
+    expected, _ = colour_encoder(torch.from_numpy(images[1][2]).permute(2, 0, 1)[None] / 255.0)
+    torch.testing.assert_close(first.embeddings[1, 2], expected[0])
+    # Templates give different prompts; the seed is a stable function of (subject, template).
+    assert not torch.equal(first.embeddings[0, 0], first.embeddings[0, 1])
+    assert bank.entry_seed("cat", 1) == make_bank(sprites, tmp_path / "c").entry_seed("cat", 1)
+    assert bank.entry_seed("cat", 1) != make_bank(sprites, tmp_path, seed=1).entry_seed("cat", 1)
+
+
+def test_bank_reads_back_without_regenerating(tmp_path):
+    generator = ListGenerator()
+    bank = make_bank(generator, tmp_path)
+    first = bank.embeddings(["red", "blue"], TEMPLATES)
+    calls = generator.calls
+    assert calls == 6
+    fresh = make_bank(generator, tmp_path).embeddings(["red", "blue"], TEMPLATES, generate=False)
+    assert generator.calls == calls
+    assert torch.equal(first.embeddings, fresh.embeddings)
+
+
+def test_missing_entries_are_reported_never_zero_filled(tmp_path):
+    bank = make_bank(ListGenerator(), tmp_path)
+    bank.embeddings(["red"], TEMPLATES)
+    assert bank.missing(["red"], TEMPLATES) == []
+    missing = bank.missing(["red", "green"], TEMPLATES)
+    assert [(e.subject, e.template_index) for e in missing] == [("green", m) for m in range(3)]
+    with pytest.raises(MissingVisualPromptsError, match="3 visual prompt") as error:
+        bank.embeddings(["red", "green"], TEMPLATES, generate=False)
+    assert {e.prompt for e in error.value.missing} == {t.format("green") for t in TEMPLATES}
+    with pytest.raises(MissingVisualPromptsError):
+        bank.images(["green"], TEMPLATES, generate=False)
+
+
+def test_black_images_are_detected_and_not_cached(tmp_path):
+    bank = make_bank(ListGenerator(black=("person",)), tmp_path)
+    with pytest.raises(BlackPromptImageError, match="black") as error:
+        bank.embeddings(["dog", "person"], TEMPLATES)
+    assert {e.subject for e in error.value.entries} == {"person"}
+    assert len(error.value.entries) == 3
+    assert bank.missing(["dog"], TEMPLATES, kind="images") == []
+    assert len(bank.missing(["person"], TEMPLATES, kind="images")) == 3
+    assert is_black_image(np.full((4, 4, 3), 2, np.uint8))
+    assert not is_black_image(np.full((4, 4, 3), 3, np.uint8))
+
+
+def test_fewer_prompts_than_templates_are_reused_cyclically(tmp_path):
+    templates = tuple(f"picture {i} of a {{}}." for i in range(5))
+    bank = make_bank(ListGenerator(), tmp_path)
+    prompts = bank.embeddings(["red", "blue"], templates, prompts_per_class=2)
+    assert prompts.embeddings.shape == (2, 5, 6)
+    assert [len(row) for row in prompts.entries] == [2, 2]
+    for m in range(5):
+        assert torch.equal(prompts.embeddings[:, m], prompts.embeddings[:, m % 2])
+        assert torch.equal(prompts.pooled[0][:, m], prompts.pooled[0][:, m % 2])
+    assert not torch.equal(prompts.embeddings[:, 0], prompts.embeddings[:, 1])
+    assert len(list(tmp_path.rglob("*.png"))) == 4
+    gallery = bank.gallery(["red", "blue"], templates, prompts_per_class=2)
+    assert len(gallery) == 2 and len(gallery[1]) == 2
+
+
+def test_wrong_generator_output_is_a_clear_error(tmp_path):
+    generator = ListGenerator()
+    generator.generate = lambda *args: np.zeros((8, 8, 3), np.float32)
+    with pytest.raises(VisualPromptError, match=r"expected uint8 of shape \(16, 16, 3\)"):
+        make_bank(generator, tmp_path).embeddings(["red"], TEMPLATES)
+
+
+# --------------------------------------------------------------------------- Stable Diffusion
+
+
+def test_importing_the_module_does_not_import_diffusers():
+    code = "import sys, ovseg.prompts.visual; print('diffusers' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+def tiny_pipeline_folder(folder):
+    """Save a randomly initialised, tiny Stable Diffusion pipeline built from configs."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    characters = "abcdefghijklmnopqrstuvwxyz.{}'-"
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += [c for c in characters] + [f"{c}</w>" for c in characters]
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    merges_file.write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=32)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokens),
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+def test_stable_diffusion_generator_loads_lazily_and_is_deterministic(tmp_path):
+    folder = tiny_pipeline_folder(tmp_path)
+    generator = StableDiffusionGenerator(
+        model=folder, resolution=32, steps=2, device="cpu", progress=False
+    )
+    assert generator._pipeline is None  # nothing loaded at construction
+    image = generator.generate(("cat", "kitty"), 0, "a photo of a {}.", seed=7)
+    assert generator._pipeline is not None
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, generator.generate("cat", 0, "a photo of a {}.", seed=7))
+    assert not np.array_equal(image, generator.generate("cat", 0, "a photo of a {}.", seed=8))
+    assert generator.subject(("cat", "kitty")) == "cat"
+    # Through the bank: batches of several prompts give the same images as single calls.
+    bank = VisualPromptBank(
+        generator=generator,
+        encoder=colour_encoder,
+        encoder_id="colour-stats",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    images = bank.images([("cat", "kitty"), "dog"], TEMPLATES[:2])
+    entry = bank.entries(["cat"], TEMPLATES[:2])[0][1]
+    np.testing.assert_array_equal(
+        images[0][1], generator.generate("cat", 1, TEMPLATES[1], seed=entry.seed)
+    )
+    assert "res32:steps2" in generator.id
+
+
+def fake_pipeline(black_calls: int):
+    """A pipeline stand-in whose first ``black_calls`` calls return black (filtered) images."""
+    calls = []
+
+    def pipeline(*, prompt, height, width, generator, **kwargs):
+        calls.append(list(prompt))
+        value = 0.0 if len(calls) <= black_calls else 0.5
+        return SimpleNamespace(images=np.full((len(prompt), height, width, 3), value, np.float32))
+
+    pipeline.set_progress_bar_config = lambda **kwargs: None
+    pipeline.calls = calls
+    return pipeline
+
+
+def test_black_stable_diffusion_images_are_reseeded_then_reported():
+    pipeline = fake_pipeline(black_calls=1)
+    generator = StableDiffusionGenerator(
+        pipeline=pipeline, model="fake", resolution=8, reseeds=2, progress=False
+    )
+    with pytest.warns(UserWarning, match="black .*'a photo of a person.'"):
+        image = generator.generate("person", 0, "a photo of a {}.", seed=3)
+    assert not is_black_image(image) and len(pipeline.calls) == 2
+    assert generator.black_images == [("a photo of a person.", 3)]
+
+    always_black = StableDiffusionGenerator(
+        pipeline=fake_pipeline(black_calls=99), model="fake", resolution=8, reseeds=2
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BlackPromptImageError, match="person"):
+            always_black.generate("person", 0, "a photo of a {}.", seed=3)
+    assert len(always_black.black_images) == 3
