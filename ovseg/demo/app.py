@@ -8,14 +8,16 @@ vocabulary change on the same image does not re-encode it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 import ovseg
-from ovseg.backbones import WeightsError
+from ovseg.backbones import ASSETS_DIR, WeightsError
 from ovseg.methods import SegmentationMethod
 from ovseg.viz import legend_entries, overlay
 
@@ -23,6 +25,16 @@ LOGGER = logging.getLogger(__name__)
 
 DEFAULT_VOCABULARY = "cat, dog, car, tree, grass, sky, water, road"
 PRESET_CUSTOM = "(type your own)"
+EXAMPLES_DIR = ASSETS_DIR / "examples"
+
+
+def bundled_examples(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
+    """[image path, vocabulary] pairs of the bundled example scenes (``assets/examples``)."""
+    index = folder / "examples.json"
+    if not index.is_file():
+        return []
+    entries = json.loads(index.read_text(encoding="utf-8"))
+    return [[str(folder / entry["image"]), entry["vocabulary"]] for entry in entries]
 
 
 @dataclass
@@ -72,13 +84,18 @@ def segment(
             session.predictor.set_image(image)
             session.image_digest = digest
         vocabulary = ovseg.parse_vocabulary(vocabulary_text or "")
-        predictions = session.predictor.predict(vocabulary, methods=chosen_methods)
-    except (ovseg.ImageError, ovseg.VocabularyError, ValueError) as error:
+    except (ovseg.ImageError, ovseg.VocabularyError) as error:
         raise gr.Error(str(error)) from error
 
     shown_image = session.predictor.image
-    gallery, rows = [], []
-    for name, prediction in predictions.items():
+    gallery, rows, failures = [], [], []
+    for name in chosen_methods:
+        # One method failing (e.g. DPSeg has no visual prompt for a name) must not hide the others.
+        try:
+            prediction = session.predictor.predict(vocabulary, methods=[name])[name]
+        except ValueError as error:
+            failures.append(f"**{name}** could not run: {error}")
+            continue
         seconds = sum(prediction.timings.values())
         caption = f"{name} · {seconds * 1000:.0f} ms"
         if not prediction.trained_head:
@@ -88,7 +105,7 @@ def segment(
         )
         for label, _ in legend_entries(vocabulary.names, prediction.areas):
             rows.append([name, label])
-    notes = []
+    notes = list(failures)
     if vocabulary.dropped_duplicates:
         notes.append(f"Dropped repeated names: {', '.join(vocabulary.dropped_duplicates)}.")
     legend = " ".join(
@@ -138,6 +155,9 @@ def build_demo(
                 with gr.Accordion("Options", open=False):
                     alpha = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="Overlay opacity")
                 run = gr.Button("Segment", variant="primary")
+                examples = bundled_examples()
+                if examples:
+                    gr.Examples(examples, inputs=[image, vocabulary], label="ToyWorld examples")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Segmentations", columns=2, height="auto")
                 status = gr.Markdown()
