@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from common import BudgetSchedule, add_budget_arguments, load_checkpoint, save_checkpoint
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -177,13 +176,7 @@ def main() -> None:
         default=None,
         help="checkpoint and log folder (default: runs/pretrain-<model>)",
     )
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help="time budget; the schedule ends at the steps or the minutes, whichever is first",
-    )
+    add_budget_arguments(parser, steps=1500, lr=1e-3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=None, help="default: the config's size")
     parser.add_argument(
@@ -193,12 +186,6 @@ def main() -> None:
         help="share of ViT batches at 1.5× size (position-embedding interpolation)",
     )
     parser.add_argument("--scene-fraction", type=float, default=0.35)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--eval-images-per-class", type=int, default=4)
     args = parser.parse_args()
 
@@ -225,13 +212,11 @@ def main() -> None:
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    step, previous_seconds = 0, 0.0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        backbone.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        previous_seconds = float(state.get("seconds", 0.0))
+    step, previous_seconds = load_checkpoint(checkpoint_path, backbone.model, optimizer)
+    schedule = BudgetSchedule(
+        steps=args.steps, minutes=args.minutes, warmup=args.warmup, lr=args.lr,
+        previous_seconds=previous_seconds,
+    )  # fmt: skip
 
     small = batches(
         world,
@@ -251,22 +236,15 @@ def main() -> None:
     rng = np.random.default_rng(args.seed + step)
     log_path = run_dir / "train_log.csv"
     new_log = not log_path.is_file()
-    started = time.perf_counter()
     with log_path.open("a", newline="") as log_file:
         log = csv.writer(log_file)
         if new_log:
             log.writerow(["step", "loss", "lr", "logit_scale", "image_size", "seconds"])
         progress = tqdm(total=args.steps, initial=step, desc=f"pretrain {args.model}")
         while step < args.steps:
-            # The schedule follows whichever budget runs out first, steps or minutes, so a
-            # time-boxed run still anneals its learning rate to zero.
-            elapsed = previous_seconds + time.perf_counter() - started
-            done = step / args.steps
-            if args.minutes is not None:
-                done = max(done, elapsed / (args.minutes * 60))
-            if done >= 1.0:
+            lr = schedule.learning_rate(step)
+            if lr is None:
                 break
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * done))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             use_large = backbone.kind == "vit" and rng.random() < args.large_fraction
@@ -289,20 +267,17 @@ def main() -> None:
                     f"{lr:.6f}",
                     f"{scale.item():.2f}",
                     pixels.shape[-1],
-                    f"{previous_seconds + time.perf_counter() - started:.1f}",
+                    f"{schedule.elapsed():.1f}",
                 ]
             )
             if step % args.checkpoint_every == 0:
                 log_file.flush()
-                seconds = previous_seconds + time.perf_counter() - started
-                torch.save(
-                    {
-                        "model": backbone.model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "seconds": seconds,
-                    },
+                save_checkpoint(
                     checkpoint_path,
+                    backbone.model,
+                    optimizer,
+                    step=step,
+                    seconds=schedule.elapsed(),
                 )
                 save_model(backbone, config_name, args.out)
         progress.close()

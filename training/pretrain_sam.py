@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import BudgetSchedule, add_budget_arguments, load_checkpoint, save_checkpoint
 from tqdm import tqdm
 
 from ovseg.backbones import build_sam
@@ -214,21 +213,9 @@ def main() -> None:
     )
     parser.add_argument("--run-dir", type=Path, default=Path("runs/pretrain-sam"))
     parser.add_argument("--config", default="toy")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help="time budget; the schedule ends at the steps or the minutes, whichever is first",
-    )
+    add_budget_arguments(parser, steps=1500, lr=4e-4)
     parser.add_argument("--scenes", type=int, default=8, help="scenes per batch")
     parser.add_argument("--prompts-per-scene", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--eval-scenes", type=int, default=100)
     args = parser.parse_args()
 
@@ -240,16 +227,14 @@ def main() -> None:
     optimizer = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.run_dir / "checkpoint.pt"
-    step, previous_seconds = 0, 0.0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        sam.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, previous_seconds = int(state["step"]), float(state["seconds"])
+    step, previous_seconds = load_checkpoint(checkpoint_path, sam, optimizer)
+    schedule = BudgetSchedule(
+        steps=args.steps, minutes=args.minutes, warmup=args.warmup, lr=args.lr,
+        previous_seconds=previous_seconds,
+    )  # fmt: skip
     rng = np.random.default_rng(args.seed + step)
     log_path = args.run_dir / "train_log.csv"
     new_log = not log_path.is_file()
-    started = time.perf_counter()
     with log_path.open("a", newline="") as log_file:
         log = csv.writer(log_file)
         if new_log:
@@ -258,13 +243,9 @@ def main() -> None:
             )
         progress = tqdm(total=args.steps, initial=step, desc="pretrain sam")
         while step < args.steps:
-            elapsed = previous_seconds + time.perf_counter() - started
-            done = step / args.steps
-            if args.minutes is not None:
-                done = max(done, elapsed / (args.minutes * 60))
-            if done >= 1.0:
+            lr = schedule.learning_rate(step)
+            if lr is None:
                 break
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * done))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = training_batch(
@@ -287,20 +268,13 @@ def main() -> None:
                     f"{stats['iou']:.3f}",
                     f"{lr:.6f}",
                     batch["kind"],
-                    f"{elapsed:.1f}",
+                    f"{schedule.elapsed():.1f}",
                 ]
             )
             if step % args.checkpoint_every == 0:
                 log_file.flush()
-                seconds = previous_seconds + time.perf_counter() - started
-                torch.save(
-                    {
-                        "model": sam.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "seconds": seconds,
-                    },
-                    checkpoint_path,
+                save_checkpoint(
+                    checkpoint_path, sam, optimizer, step=step, seconds=schedule.elapsed()
                 )
                 sam.save(args.out)
         progress.close()
