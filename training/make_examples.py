@@ -22,7 +22,9 @@ DISTRACTORS = 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("assets/examples"))
     parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args()
