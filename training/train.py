@@ -266,7 +266,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         iteration += 1
         progress.update(1)
         if log is not None:
-            if iteration == 1 or iteration % config.log_every == 0:
+            if iteration in (1, config.iterations) or iteration % config.log_every == 0:
                 row = {"iteration": iteration, "loss": f"{loss.item():.4f}"}
                 row |= {name: f"{value.item():.4f}" for name, value in losses.items()}
                 row |= {
