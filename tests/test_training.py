@@ -107,6 +107,20 @@ def test_train_resumes_from_its_checkpoint_and_evaluates(tmp_path):
     assert method.trained_head
 
 
+@pytest.mark.parametrize("config", ["dcp-clip-toy", "dpseg-toy"])
+def test_every_method_config_trains_through_the_one_trainer(tmp_path, config, monkeypatch):
+    monkeypatch.setenv("OVSEG_VISUAL_PROMPT_CACHE", str(tmp_path / "prompts"))
+    run_dir = tmp_path / config
+    overrides = [*tiny_training_overrides(run_dir, 2), "--set", "classes_per_step=8"]
+    path = REPO / "training" / "configs" / f"{config}.json"
+    result = run(sys.executable, "training/train.py", "--config", str(path), *overrides)
+    lines = (run_dir / "train_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2"]
+    assert all(float(line.split(",")[1]) > 0 for line in lines[1:])
+    assert (run_dir / "final.safetensors").is_file()
+    assert "| toy-seen | 2 |" in result.stdout
+
+
 def test_train_runs_distributed_on_two_cpu_processes_with_gloo(tmp_path):
     run_dir = tmp_path / "ddp"
     result = run(
