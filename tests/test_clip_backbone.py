@@ -147,6 +147,20 @@ def test_large_paper_architectures_build(name, embed_dim, layer_dims):
     assert backbone.embed_dim == embed_dim and backbone.layer_dims == layer_dims
 
 
+def test_an_alias_with_a_local_checkpoint_keeps_the_checkpoint():
+    from ovseg.backbones.clip import resolve_clip_name
+
+    assert resolve_clip_name("vit-b-16", "/models/ViT-B-16.pt") == (
+        "ViT-B-16",
+        "/models/ViT-B-16.pt",
+    )
+    assert resolve_clip_name("convnext-l", None) == (
+        "convnext_large_d_320",
+        "laion2b_s29b_b131k_ft_soup",
+    )
+    assert resolve_clip_name("ViT-B-16", None) == ("ViT-B-16", None)
+
+
 def test_aliases_resolve_to_the_papers_clips():
     assert PAPER_CLIPS["convnext-b"] == ("convnext_base_w_320", "laion_aesthetic_s13b_b82k")
     assert PAPER_CLIPS["vit-b-16"] == ("ViT-B-16", "openai")

@@ -459,9 +459,13 @@ def _last_block_with_readouts(
 
 
 def resolve_clip_name(name: str, pretrained: str | None) -> tuple[str, str | None]:
-    """Map ovseg's short aliases (``"vit-b-16"``) to open_clip (name, tag); pass others through."""
-    if name in PAPER_CLIPS and pretrained is None:
-        return PAPER_CLIPS[name]
+    """Map ovseg's short aliases (``"vit-b-16"``) to open_clip (name, tag); pass others through.
+
+    An explicit ``pretrained`` (another tag or a local checkpoint) replaces the alias's tag.
+    """
+    if name in PAPER_CLIPS:
+        open_clip_name, tag = PAPER_CLIPS[name]
+        return open_clip_name, pretrained or tag
     return name, pretrained
 
 
