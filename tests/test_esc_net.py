@@ -1,0 +1,425 @@
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import ovseg.backbones
+from ovseg.backbones import WeightsError, build_sam, load_backbone
+from ovseg.methods.base import save_weights
+from ovseg.methods.blocks import cosine_cost_volume
+from ovseg.methods.esc_net import (
+    EscNetConfig,
+    SamPromptEncoding,
+    build_esc_net,
+    pseudo_prompts,
+)
+
+TEMPLATES = ("a photo of a {}.",)
+VOCABULARY = ["cat", "dog", "sky", "grass", "road"]
+
+
+@pytest.fixture(scope="module")
+def sam_path(tmp_path_factory):
+    """A toy-architecture SAM with random weights, saved the way real checkpoints are loaded."""
+    torch.manual_seed(0)
+    return build_sam("toy").save(tmp_path_factory.mktemp("sam") / "sam-test")
+
+
+def small(toy_vit, sam_path, **changes):
+    """The paper's architecture at a width, grid and window that run in milliseconds."""
+    settings = dict(
+        input_size=64,
+        templates=TEMPLATES,
+        hidden_dim=32,
+        swin_heads=2,
+        text_heads=2,
+        window_size=4,
+        decoder_dims=(16, 8),
+        skip_dims=(8, 4),
+        sam="toy",
+        sam_checkpoint=str(sam_path),
+    )
+    settings.update(changes)
+    return build_esc_net(backbone=toy_vit, **settings)
+
+
+def randomise_activation_heads(method):
+    """Give the zero-initialised S_k convs weights, so blocks 2–4 prompt from refined maps."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for fusion in method.fusion:
+            weight = fusion.to_activation.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+
+
+def images(batch=2, size=64, seed=0):
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ Pseudo Prompt Generator
+
+
+def gaussian_blobs(height, width, centres, sigma=1.5):
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    blobs = [torch.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2)) for x, y in centres]
+    return torch.stack(blobs).amax(dim=0).float()
+
+
+def test_ppg_puts_points_on_both_blob_peaks_and_covers_both_blobs():
+    centres = [(3, 4), (12, 10)]
+    maps = gaussian_blobs(16, 16, centres)[None] * 0.3  # cosine-like scale
+    prompts = pseudo_prompts(maps, num_objects=5, tau=0.01)
+    points = {tuple(p) for p in prompts.points[0].long().tolist()}
+    assert set(centres) <= points
+    for x, y in centres:
+        assert prompts.regions[0, :, y, x].sum() == 1  # each peak in exactly one region
+    assert prompts.points.shape == (1, 5, 2) and prompts.regions.shape == (1, 5, 16, 16)
+
+
+def test_ppg_foreground_is_the_alpha_threshold_plus_the_top_objects():
+    maps = torch.randn(3, 6, 7, generator=torch.Generator().manual_seed(0))
+    prompts = pseudo_prompts(maps, num_objects=5, tau=0.5)
+    probability = (maps.flatten(1) / 0.5).softmax(-1)
+    expected = probability > 1 / 42
+    expected.scatter_(1, maps.flatten(1).topk(5, dim=-1).indices, True)
+    assert torch.equal(prompts.foreground.flatten(1), expected)
+    assert torch.allclose(prompts.probability.flatten(1), probability)
+
+
+def test_ppg_regions_are_disjoint_and_their_union_is_the_foreground():
+    maps = torch.randn(6, 12, 12, generator=torch.Generator().manual_seed(1))
+    prompts = pseudo_prompts(maps, num_objects=5, tau=0.1)
+    counts = prompts.regions.sum(dim=1)
+    assert counts.max() <= 1
+    assert torch.equal(counts.bool(), prompts.foreground)
+    # Each point is the best-scoring pixel of its region (panel e).
+    for row, region in itertools.product(range(6), range(5)):
+        x, y = prompts.points[row, region].long().tolist()
+        inside = maps[row][prompts.regions[row, region]]
+        assert prompts.regions[row, region, y, x] and maps[row, y, x] == inside.max()
+
+
+@pytest.mark.parametrize(
+    "name, values",
+    [
+        ("flat", torch.zeros(1, 9, 9)),
+        (
+            "single hot pixel",
+            torch.zeros(1, 9, 9).index_put_((torch.tensor([0]),) * 3, torch.tensor([1.0])),
+        ),
+        ("all negative", -torch.rand(1, 9, 9, generator=torch.Generator().manual_seed(2)) - 1),
+        ("grid smaller than N_o", torch.randn(1, 2, 2, generator=torch.Generator().manual_seed(3))),
+    ],
+)
+def test_ppg_degenerate_maps_give_exactly_n_o_finite_prompts(name, values):
+    prompts = pseudo_prompts(values, num_objects=5)
+    assert prompts.points.shape == (1, 5, 2) and prompts.regions.shape == (1, 5, *values.shape[1:])
+    assert torch.isfinite(prompts.points).all() and torch.isfinite(prompts.probability).all()
+    assert prompts.regions.flatten(2).any(-1).all(), name  # no empty region
+    for region in range(5):
+        x, y = prompts.points[0, region].long().tolist()
+        assert prompts.regions[0, region, y, x]
+
+
+def test_ppg_is_deterministic_batched_and_without_gradient():
+    maps = torch.randn(4, 10, 10, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    first, second = pseudo_prompts(maps), pseudo_prompts(maps)
+    assert torch.equal(first.points, second.points) and torch.equal(first.regions, second.regions)
+    alone = pseudo_prompts(maps[2:3])
+    assert torch.equal(alone.points[0], first.points[2])
+    assert torch.equal(alone.regions[0], first.regions[2])
+    assert not first.points.requires_grad and not first.probability.requires_grad
+
+
+def test_ppg_boxes_are_tight_around_their_regions():
+    maps = torch.randn(3, 11, 9, generator=torch.Generator().manual_seed(5))
+    prompts = pseudo_prompts(maps, tau=0.2)
+    for row, region in itertools.product(range(3), range(5)):
+        ys, xs = torch.nonzero(prompts.regions[row, region], as_tuple=True)
+        x0, y0, x1, y1 = prompts.boxes[row, region].long().tolist()
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+# ---------------------------------------------------------------------------- SAM weights
+
+
+def test_sam_layers_and_prompt_encoder_equal_the_checkpoint_bit_for_bit(toy_vit, sam_path):
+    method = small(toy_vit, sam_path)
+    checkpoint = load_file(sam_path)
+    for index, block in enumerate(method.sam_blocks):
+        source = f"mask_decoder.transformer.layers.{index % 2}."
+        for name, tensor in block.layer.state_dict().items():
+            assert torch.equal(tensor, checkpoint[source + name]), (index, name)
+    assert [b.layer.skip_first_layer_pe for b in method.sam_blocks] == [True, False, True, False]
+    encoder_state = method.prompt_encoding.encoder.state_dict()
+    assert "pe_layer.positional_encoding_gaussian_matrix" in encoder_state
+    for name, tensor in encoder_state.items():
+        assert torch.equal(tensor, checkpoint["prompt_encoder." + name]), name
+    # The blocks are independent copies: training one does not move another.
+    assert (
+        method.sam_blocks[0].layer.mlp.lin1.weight is not method.sam_blocks[2].layer.mlp.lin1.weight
+    )
+    # SAM's image encoder is not part of the model.
+    names = [name for name, _ in method.named_parameters()] + list(method.state_dict())
+    assert not any("image_encoder" in name for name in names)
+
+
+def test_an_official_style_pth_checkpoint_loads_the_same_weights(toy_vit, sam_path, tmp_path):
+    pth = tmp_path / "sam_toy.pth"
+    torch.save(load_file(sam_path), pth)
+    from_pth = small(toy_vit, sam_path, sam_checkpoint=str(pth))
+    from_safetensors = small(toy_vit, sam_path)
+    expected = from_safetensors.sam_blocks.state_dict()
+    loaded = from_pth.sam_blocks.state_dict()
+    layers = [name for name in expected if ".layer." in name]
+    assert layers and all(torch.equal(expected[name], loaded[name]) for name in layers)
+
+
+def test_random_sam_ablation_differs_from_the_checkpoint(toy_vit, sam_path):
+    method = small(toy_vit, sam_path, sam_pretrained=False)
+    checkpoint = load_file(sam_path)
+    weight = method.sam_blocks[0].layer.mlp.lin1.weight
+    assert not torch.equal(weight, checkpoint["mask_decoder.transformer.layers.0.mlp.lin1.weight"])
+    assert method.training_free_sam is None
+
+
+def test_without_sam_there_is_no_ppg_prompt_encoder_or_sam_block(toy_vit, sam_path):
+    method = small(toy_vit, sam_path, use_sam=False)
+    assert not hasattr(method, "sam_blocks") and not hasattr(method, "prompt_encoding")
+    assert not any("sam" in group["name"] for group in method.parameter_groups(2e-4))
+    method.trained_head = True
+    out = method(images(1), VOCABULARY[:3], return_intermediates=True)
+    assert "pseudo_points" not in out.intermediates and out.logits.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "types, tokens",
+    [
+        (("point",), 6),
+        (("box",), 10),
+        (("point", "box"), 15),
+        (("point", "mask"), 6),
+        (("box", "mask"), 10),
+        (("point", "box", "mask"), 15),
+        (("mask",), 0),
+    ],
+)
+def test_prompt_type_ablations_embed_the_expected_tokens(toy_vit, sam_path, types, tokens):
+    sam = build_sam(None, sam_path)
+    encoding = SamPromptEncoding(source=sam.prompt_encoder, grid=8, prompt_types=types)
+    prompts = pseudo_prompts(torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(6)))
+    sparse, dense = encoding(prompts)
+    assert sparse.shape == (3, tokens, 128) and dense.shape == (3, 128, 8, 8)
+    no_mask = sam.prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1)
+    assert torch.equal(dense, no_mask.expand_as(dense)) == ("mask" not in types)
+    if types == ("point",):
+        # Points in grid units: their encoding is the dense PE of their cell plus SAM's
+        # foreground-point embedding; the last token is SAM's padding point.
+        pe = encoding.dense_pe((8, 8))
+        x, y = prompts.points[0, 0].long().tolist()
+        foreground = sam.prompt_encoder.point_embeddings[1].weight[0]
+        assert torch.allclose(sparse[0, 0], pe[:, y, x] + foreground, atol=1e-5)
+        assert torch.equal(sparse[0, -1], sam.prompt_encoder.not_a_point_embed.weight[0])
+    method = small(toy_vit, sam_path, prompt_types=types, num_blocks=1)
+    method.trained_head = True
+    assert method(images(1), VOCABULARY[:2]).logits.shape == (1, 2, 64, 64)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def test_head_shapes_and_block_intermediates_at_toy_scale(toy_vit, sam_path):
+    method = small(toy_vit, sam_path)
+    method.trained_head = True
+    out = method(images(2), VOCABULARY[:3], return_intermediates=True)
+    inter = out.intermediates
+    assert out.logits.shape == (2, 3, 64, 64)
+    assert inter["cost_volume"].shape == (2, 3, 8, 8)
+    assert inter["activation_maps"].shape == (2, 5, 3, 8, 8)
+    assert inter["pseudo_points"].shape == (2, 4, 3, 5, 2)
+    assert inter["pseudo_regions"].shape == (2, 4, 3, 5, 8, 8)
+    assert inter["pseudo_boxes"].shape == (2, 4, 3, 5, 4)
+    # S_0 is Eq. 1; with the zero-initialised S_k convs every block prompts from it.
+    text = toy_vit.encode_text(VOCABULARY[:3], TEMPLATES).mean
+    features = method.encode_image(images(2))
+    assert torch.allclose(
+        inter["activation_maps"][:, 0], cosine_cost_volume(features.clip.dense, text)
+    )
+    for block in range(1, 5):
+        assert torch.equal(inter["activation_maps"][:, block], inter["activation_maps"][:, 0])
+    expected = pseudo_prompts(inter["cost_volume"].flatten(0, 1))
+    assert torch.equal(inter["pseudo_points"][:, 3].flatten(0, 1), expected.points)
+
+
+def test_permuting_the_classes_permutes_the_logits(toy_vit, sam_path):
+    method = small(toy_vit, sam_path)
+    randomise_activation_heads(method)
+    method.trained_head = True
+    features = method.encode_image(images(2))
+    order = [3, 0, 4, 1, 2]
+    with torch.no_grad():
+        logits = method.segment(features, VOCABULARY).logits
+        permuted = method.segment(features, [VOCABULARY[i] for i in order]).logits
+    assert torch.allclose(permuted, logits[:, order], atol=1e-5)
+
+
+def test_chunked_and_unchunked_classes_agree(toy_vit, sam_path):
+    method = small(toy_vit, sam_path, class_chunk_size=128)
+    randomise_activation_heads(method)
+    chunked = small(toy_vit, sam_path, class_chunk_size=2)
+    chunked.load_state_dict(method.state_dict())
+    for m in (method, chunked):
+        m.trained_head = True
+    with torch.no_grad():
+        whole = method(images(2), VOCABULARY, return_intermediates=True)
+        parts = chunked(images(2), VOCABULARY, return_intermediates=True)
+    assert torch.allclose(whole.logits, parts.logits, atol=1e-5)
+    assert torch.equal(whole.intermediates["pseudo_regions"], parts.intermediates["pseudo_regions"])
+
+
+def test_one_class_works(toy_vit, sam_path):
+    method = small(toy_vit, sam_path)
+    method.trained_head = True
+    assert method(images(1), ["cat"]).logits.shape == (1, 1, 64, 64)
+
+
+@pytest.mark.slow
+def test_847_classes_run_with_the_same_weights(toy_vit, sam_path):
+    method = small(toy_vit, sam_path, class_chunk_size=256)
+    method.trained_head = True
+    with torch.no_grad():
+        out = method(images(1), [f"class {i}" for i in range(847)])
+    assert out.logits.shape == (1, 847, 64, 64) and torch.isfinite(out.logits).all()
+
+
+def test_loss_is_per_pixel_bce_and_gradients_reach_sam_and_clip_qv_only(toy_vit, sam_path):
+    method = small(toy_vit, sam_path).train()
+    target = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(0))
+    target[:, :8] = 255
+    out = method(images(2), VOCABULARY[:3], target=target)
+    loss = method.loss(out, target)["loss_bce"]
+    valid = target != 255
+    one_hot = F.one_hot(target.clamp_max(2), 3).permute(0, 3, 1, 2).float()
+    manual = F.binary_cross_entropy_with_logits(out.logits, one_hot, reduction="none")
+    assert torch.allclose(loss, manual.permute(0, 2, 3, 1)[valid].mean())
+    loss.backward()
+    for block in method.sam_blocks:
+        assert block.layer.cross_attn_image_to_token.q_proj.weight.grad.abs().sum() > 0
+    encoder = method.prompt_encoding.encoder
+    assert encoder.mask_downscaling[0].weight.grad.abs().sum() > 0
+    assert encoder.point_embeddings[1].weight.grad.abs().sum() > 0
+    assert encoder.point_embeddings[2].weight.grad is None  # no boxes in the default
+    attention = toy_vit.model.visual.transformer.resblocks[0].attn
+    width = attention.embed_dim
+    grad = attention.in_proj_weight.grad
+    assert grad[:width].abs().sum() > 0 and grad[2 * width :].abs().sum() > 0
+    assert grad[width : 2 * width].abs().sum() == 0  # K rows stay frozen
+    assert toy_vit.model.visual.conv1.weight.grad is None
+    toy_vit.zero_grad(set_to_none=True)
+
+
+def test_optimiser_groups_put_clip_and_sam_at_2e_6_and_the_rest_at_2e_4(toy_vit, sam_path):
+    method = small(toy_vit, sam_path)
+    groups = method.parameter_groups(2e-4)
+    by_id = {id(p): group for group in groups for p in group["params"]}
+    trainable = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    assert len(by_id) == len(trainable) == sum(len(g["params"]) for g in groups)
+    for name, parameter in trainable:
+        slow = name.startswith(("backbone.", "prompt_encoding.")) or (
+            name.startswith("sam_blocks.") and ".layer." in name
+        )
+        assert math.isclose(by_id[id(parameter)]["lr"], 2e-6 if slow else 2e-4), name
+    assert by_id[id(method.sam_blocks[0].fuse.weight)]["lr"] == 2e-4
+    torch.optim.AdamW(groups)
+
+
+# ------------------------------------------------------------------------ training-free path
+
+
+def test_training_free_path_labels_sam_masks_by_their_class(toy_vit, sam_path):
+    method = small(toy_vit, sam_path)
+    assert not method.trained_head and method.training_free_sam is not None
+    out = method(images(1), VOCABULARY[:3], return_intermediates=True)
+    inter = out.intermediates
+    cost = inter["cost_volume"]
+    class_log_prob = F.interpolate(
+        (cost / 0.01).log_softmax(1), size=(64, 64), mode="bilinear", align_corners=False
+    )
+    assert torch.allclose(out.logits, class_log_prob + inter["sam_masks"].log(), atol=1e-4)
+    assert inter["pseudo_points"].shape == (1, 3, 5, 2)
+    assert torch.equal(inter["pseudo_points"][0], pseudo_prompts(cost[0]).points)
+
+
+def test_training_free_without_a_pretrained_sam_is_dense_clip(toy_vit, sam_path):
+    method = small(toy_vit, sam_path, sam_pretrained=False)
+    out = method(images(1), VOCABULARY[:3], return_intermediates=True)
+    cost = out.intermediates["cost_volume"]
+    expected = F.interpolate((cost / 0.01).log_softmax(1), size=(64, 64), mode="bilinear")
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+
+
+def test_default_build_uses_the_shipped_toy_sam_and_no_head(toy_vit):
+    if not (ovseg.backbones.ASSETS_DIR / "sam-toy" / "sam-toy.safetensors").is_file():
+        pytest.skip("the toy SAM is not shipped in this checkout")
+    method = build_esc_net(backbone=toy_vit, input_size=64, window_size=4)
+    assert not method.trained_head and method.training_free_sam.name == "toy"
+
+
+# -------------------------------------------------------------------------------- weights
+
+
+def test_saved_weights_reload_into_a_trained_head(toy_vit, sam_path, tmp_path):
+    method = small(toy_vit, sam_path)
+    randomise_activation_heads(method)
+    method.trained_head = True
+    path = save_weights(method, tmp_path / "esc")
+    loaded = build_esc_net(backbone=toy_vit, weights=str(path))
+    assert loaded.trained_head and loaded.config == method.config
+    with torch.no_grad():
+        assert torch.allclose(
+            loaded(images(1), VOCABULARY).logits, method(images(1), VOCABULARY).logits
+        )
+    with pytest.raises(WeightsError):
+        build_esc_net(backbone=toy_vit, weights=str(tmp_path / "missing"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError):
+        small(toy_vit, sam_path, weights=str(tmp_path / "bad.safetensors"))
+
+
+def test_bad_settings_and_stale_features_are_rejected(toy_vit, sam_path):
+    with pytest.raises(ValueError, match="prompt_types"):
+        EscNetConfig(prompt_types=("point", "scribble"))
+    with pytest.raises(ValueError, match="sam_checkpoint"):
+        build_esc_net(backbone=toy_vit, sam="vit_b")
+    method = small(toy_vit, sam_path)
+    features = method.encode_image(images(1))
+    method.trained_head = True
+    with pytest.raises(ValueError, match="re-encode"):
+        method.segment(features, VOCABULARY)
+    with pytest.raises(ValueError, match="options"):
+        method(images(1), VOCABULARY, theta=0.3)
+
+
+# ----------------------------------------------------------------------------- real scale
+
+
+@pytest.mark.slow
+def test_real_scale_shapes_vit_b_16_at_384_with_sam_vit_b_blocks():
+    clip = load_backbone("ViT-B-16", None)  # random weights, no download
+    method = build_esc_net(
+        backbone=clip, input_size=384, sam="vit_b", sam_pretrained=False, templates="single"
+    )
+    method.trained_head = True
+    assert method.skip_layers == (3, 7)
+    with torch.no_grad():
+        out = method(torch.rand(1, 3, 384, 384), ["cat", "dog"], return_intermediates=True)
+    assert out.logits.shape == (1, 2, 384, 384)
+    assert out.intermediates["cost_volume"].shape == (1, 2, 24, 24)
+    assert out.intermediates["pseudo_regions"].shape == (1, 4, 2, 5, 24, 24)
+    head = sum(p.numel() for n, p in method.named_parameters() if not n.startswith("backbone."))
+    sam_layers = sum(p.numel() for b in method.sam_blocks for p in b.layer.parameters())
+    assert sam_layers == 4 * 1_579_520  # spec §2.5: one TwoWayAttentionBlock each
+    assert 8e6 < head < 14e6  # spec §6: ~10–11M of ESC-specific parameters
