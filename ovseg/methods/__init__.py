@@ -5,6 +5,7 @@ from ovseg.methods import dense_clip  # noqa: F401, I001  (registers "dense-clip
 from ovseg.methods import dpseg  # noqa: F401  (registers "dpseg")
 from ovseg.methods import dcp_clip  # noqa: F401  (registers "dcp-clip")
 from ovseg.methods import esc_net  # noqa: F401  (registers "esc-net")
+from ovseg.methods import ldvc  # noqa: F401  (registers "ldvc")
 from ovseg.methods.base import (
     IGNORE_INDEX,
     METHODS,

@@ -1,0 +1,1161 @@
+"""LDVC: Language-Driven Visual Consensus for zero-shot semantic segmentation (Zhang et al., 2024).
+
+The file follows Section 3 of the paper (spec: ``specs/ldvc.md``):
+
+1. **Vision-Language Prompt Tuning** (VLPT, Eqs. 1–2). CLIP stays frozen. Every layer of the image
+   tower gets fresh learnable prompt tokens (:class:`PromptedImageEncoder`), and so does every layer
+   of the text tower (:class:`PromptedTextEncoder`), whose prompts start from the per-layer hidden
+   states of a hand-crafted template ("pretrain" initialisation, Table 6).
+2. **Text adapter** (Eq. 3, :class:`TextAdapter`): class embeddings conditioned on the image,
+   ``T_new = Proj([T ⊙ V_g; T])``.
+3. **Local Consensus Transformer Decoder** (LCTD, Eqs. 4–7, :class:`LocalConsensusBlock`): pre-norm
+   blocks on the image tokens. Each adds a projected intermediate CLIP feature, runs the local
+   consensus self-attention (LCSA, Eqs. 8–12, :class:`RouteAttention`: every window of tokens
+   attends only to the tokens of its top-m most similar windows), then cross-attends from the image
+   tokens (queries) to the class embeddings (keys and values). The class embeddings are fixed
+   anchors: the same ``T_new`` feeds every block and the final product.
+4. **Score map** (Eq. 13): ``S = T_new · V_oᵀ``, trained with ZegCLIP's sigmoid focal + dice loss
+   (weights 100 and 1, :func:`focal_dice_loss`).
+
+Zero-shot protocol: inductive training sees only the seen class names (the trainer's vocabulary)
+and unseen-class pixels are ignore (255). ``self_training=True`` is the transductive option: the
+``unseen_classes`` names join the text encoder in training, and ignored pixels whose unseen-class
+probability is confident become pseudo-labels of the best unseen class (spec §3.1; the reference
+code pseudo-labels only ground-truth unseen pixels, which ToyWorld's targets cannot tell apart from
+other ignored pixels, hence the confidence threshold).
+
+LDVC has no training-free path: without trained head weights :meth:`Ldvc.segment` raises
+:class:`UntrainedHeadError` (training still works: the head runs whenever the module trains).
+
+Where the paper is silent the spec's recommendations are used: ViT-B/16, prompts in every layer,
+ZegCLIP's prompt projection, prompt dropout 0.1, prompt LayerNorm and drop-path 0.1 in the frozen
+ViT; the text layout ``[SOS] p1..p6 name . [EOS]`` with prompts initialised from "this is a photo
+of a"; decoder intermediates from 0-based ViT layers (7, 11); 8 heads; MLP ratio 4; trunc-normal
+init; route attention on the pooled LCSA input without forcing the self-window. Deviations: the
+decoder's dropout acts on the attention probabilities of LCSA and on the output of every sub-layer
+(the shared cross-attention layer has no probability dropout); token grids must be whole windows
+(the padding variant of spec §2.6 is not implemented; the demo resizes to ``input_size``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ovseg.backbones
+from ovseg.backbones import ClipBackbone, DenseFeatures, WeightsError, load_backbone
+from ovseg.methods.attention import Mlp, MultiHeadAttention
+from ovseg.methods.base import (
+    IGNORE_INDEX,
+    MethodConfig,
+    SegmentationMethod,
+    SegmentationOutput,
+    VocabularyLike,
+    load_weights,
+    register_method,
+    upsample_logits,
+)
+
+SHIPPED_WEIGHTS = "ldvc-toy.safetensors"
+SEGMENT_OPTIONS = ("top_m", "seen_classes", "seen_prob_offset")
+TEXT_BATCH_SIZE = 256
+TEXT_CACHE_SIZE = 16
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UntrainedHeadError(ValueError):
+    """LDVC was asked to segment without trained head weights; it has no training-free path."""
+
+
+@dataclass
+class LdvcConfig(MethodConfig):
+    """LDVC settings (beyond :class:`MethodConfig`). Defaults are the paper's COCO-Stuff model.
+
+    Input:
+        image_normalisation: ``"clip"`` (CLIP's mean/std) or ``"imagenet"`` (ZegCLIP's configs).
+
+    Vision-language prompt tuning (§2.2–2.3, Tables 5–7):
+        visual_prompt_tokens: K_v per layer (100 COCO-Stuff, 40 VOC; 0: no visual prompts).
+        visual_prompt_depth: layers that get fresh visual prompts (None: all); later layers pass
+            the previous prompt outputs through (VPT-deep with a shorter depth).
+        prompt_projection: ZegCLIP's trainable Linear on the visual prompts and LayerNorm on the
+            final hidden states before CLIP's ``ln_post``.
+        prompt_dropout: dropout on the projected visual prompts.
+        drop_path: stochastic depth of the frozen ViT's residual branches in training.
+        text_prompt_tokens: K_t per layer (0: no text prompts; the class name follows
+            ``text_prompt_template`` as ordinary tokens, the "frozen" regime).
+        text_prompt_depth: layers that get fresh text prompts (None: all; 0 is the same as
+            ``text_prompt_tokens=0``).
+        text_prompt_init: ``"pretrain"`` (hidden states of ``text_prompt_template``) or
+            ``"random"`` (Gaussian, std 0.02; Table 6).
+        text_prompt_template: the hand-crafted phrase whose hidden states initialise the text
+            prompts; with fewer BPE tokens than K_t the first slots are random.
+
+    Text adapter (§2.4):
+        text_adapter: condition class embeddings on the image (Eq. 3); False uses T as T_new.
+
+    Local Consensus Transformer Decoder (§2.5–2.7, Tables 4, 8, 9):
+        decoder_blocks: number of LCTD blocks.
+        heads: attention heads of LCSA and the cross-attention.
+        mlp_ratio: MLP hidden width as a multiple of the decoder width.
+        dropout: dropout of the decoder (see the module docstring).
+        inter_layers: 0-based ViT layers whose tokens feed the blocks, one per block (None:
+            spaced a third of the depth apart ending at the last layer: (7, 11) for 12 layers).
+        route_attention: LCSA (True) or plain global self-attention ("w/o LCSA").
+        window_size: n, the side of an LCSA window in tokens.
+        top_m: m, routed windows per query window (clamped to the number of windows).
+        final_norm: LayerNorm on V_o before Eq. 13 (a fallback; off in the paper).
+        cosine_logits: cosine similarity times a learnable scale in Eq. 13 (a fallback).
+
+    Loss (§4.2):
+        focal_weight, dice_weight: 100 and 1.
+        focal_alpha, focal_gamma: 0.25 and 2.
+        ignore_as_negative: ignored pixels are negatives of every class in the focal term
+            (ZegCLIP); False leaves them out.
+
+    Zero-shot protocol (§3.1):
+        self_training: transductive training with pseudo-labels for ``unseen_classes``.
+        unseen_classes: unseen class names (used only with ``self_training``).
+        pseudo_label_threshold: minimum unseen-class probability of a pseudo-labelled pixel.
+        seen_prob_offset: subtracted from the sigmoid probabilities of the ``seen_classes``
+            segment option at inference (ZegCLIP's calibration; 0.1 for benchmarks).
+
+    Optimiser:
+        weight_decay: AdamW weight decay of prompts, Linear and Conv weights (norms get none).
+    """
+
+    input_size: int = 512
+    templates: str | tuple[str, ...] = "single"
+    image_normalisation: str = "clip"
+    visual_prompt_tokens: int = 100
+    visual_prompt_depth: int | None = None
+    prompt_projection: bool = True
+    prompt_dropout: float = 0.1
+    drop_path: float = 0.1
+    text_prompt_tokens: int = 6
+    text_prompt_depth: int | None = None
+    text_prompt_init: str = "pretrain"
+    text_prompt_template: str = "this is a photo of a"
+    text_adapter: bool = True
+    decoder_blocks: int = 2
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    inter_layers: tuple[int, ...] | None = None
+    route_attention: bool = True
+    window_size: int = 4
+    top_m: int = 16
+    final_norm: bool = False
+    cosine_logits: bool = False
+    focal_weight: float = 100.0
+    dice_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    ignore_as_negative: bool = True
+    self_training: bool = False
+    unseen_classes: tuple[str, ...] = ()
+    pseudo_label_threshold: float = 0.5
+    seen_prob_offset: float = 0.0
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.image_normalisation not in ("clip", "imagenet"):
+            raise ValueError(
+                "image_normalisation must be 'clip' or 'imagenet'; "
+                f"got {self.image_normalisation!r}."
+            )
+        if self.text_prompt_init not in ("pretrain", "random"):
+            raise ValueError(
+                f"text_prompt_init must be 'pretrain' or 'random'; got {self.text_prompt_init!r}."
+            )
+        for name in ("visual_prompt_tokens", "text_prompt_tokens", "decoder_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
+        if self.window_size < 1 or self.top_m < 1:
+            raise ValueError(
+                f"window_size and top_m must be >= 1; got {self.window_size}, {self.top_m}."
+            )
+        if not 0.0 <= self.seen_prob_offset < 1.0:
+            raise ValueError(f"seen_prob_offset must be in [0, 1); got {self.seen_prob_offset}.")
+        if self.inter_layers is not None:
+            self.inter_layers = tuple(self.inter_layers)
+        self.unseen_classes = tuple(self.unseen_classes)
+
+
+@dataclass
+class LdvcOutput(SegmentationOutput):
+    """:class:`SegmentationOutput` plus what the transductive loss needs.
+
+    Attributes:
+        unseen_logits: ``B×U×h×w`` score maps of the ``unseen_classes`` appended in transductive
+            training (None otherwise), at the token grid.
+    """
+
+    unseen_logits: Tensor | None = None
+
+
+# ------------------------------------------------------------------------- prompted encoders
+
+
+def _drop_path(residual: Tensor, probability: float, training: bool) -> Tensor:
+    """Stochastic depth: drop a sample's residual branch with ``probability``, rescale the rest."""
+    if probability == 0.0 or not training:
+        return residual
+    keep = 1.0 - probability
+    mask = residual.new_empty(residual.shape[0], *([1] * (residual.ndim - 1))).bernoulli_(keep)
+    return residual * mask / keep
+
+
+def _run_block(block: nn.Module, tokens: Tensor, drop_path: float, training: bool) -> Tensor:
+    """One frozen open_clip ``ResidualAttentionBlock``, with drop-path when training."""
+    if drop_path == 0.0 or not training:
+        return block(tokens)
+    attended = block.ls_1(block.attention(q_x=block.ln_1(tokens)))
+    tokens = tokens + _drop_path(attended, drop_path, training)
+    return tokens + _drop_path(block.ls_2(block.mlp(block.ln_2(tokens))), drop_path, training)
+
+
+def _prompt_depth(depth: int | None, layers: int, tokens: int) -> int:
+    if tokens == 0:
+        return 0
+    depth = layers if depth is None else depth
+    if not 0 <= depth <= layers:
+        raise ValueError(f"Prompt depth {depth} out of range for {layers} layers.")
+    return depth
+
+
+class PromptedImageEncoder(nn.Module):
+    """The frozen CLIP ViT with deep visual prompts (Eqs. 1–2).
+
+    Layer i sees ``[CLS; e_p^(i); patches]``; the prompt outputs of a layer are discarded and the
+    next layer gets its own learnable prompts (up to ``depth``). Only the prompts (and ZegCLIP's
+    prompt projection and norm) train.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: ClipBackbone,
+        tokens: int,
+        depth: int | None,
+        projection: bool,
+        dropout: float,
+        drop_path: float,
+    ) -> None:
+        """
+        Arguments:
+            backbone: a ViT CLIP (frozen by :class:`Ldvc`; passed to :meth:`forward` rather than
+                registered here, so the CLIP stays a submodule of the backbone only).
+            tokens: K_v, prompts per layer.
+            depth: layers with fresh prompts (None: all).
+            projection: ZegCLIP's prompt projection (Linear width→width) and prompt LayerNorm.
+            dropout: dropout on the projected prompts.
+            drop_path: stochastic depth of the frozen blocks in training.
+        """
+        super().__init__()
+        width = backbone.layer_dims[0]
+        self.depth = _prompt_depth(depth, backbone.num_layers, tokens)
+        self.num_tokens = tokens if self.depth else 0
+        self.drop_path = drop_path
+        # VPT's uniform init: v = sqrt(6 / (3·P·P + width)), 0.0625 for ViT-B/16.
+        bound = math.sqrt(6.0 / (3 * backbone.stride * backbone.stride + width))
+        prompts = torch.empty(self.depth, self.num_tokens, width).uniform_(-bound, bound)
+        self.prompts = nn.Parameter(prompts)
+        use_extras = projection and self.depth > 0
+        self.projection = nn.Linear(width, width) if use_extras else nn.Identity()
+        self.norm = nn.LayerNorm(width, eps=1e-6) if use_extras else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+
+    def _layer_prompts(self, layer: int, batch: int) -> Tensor:
+        return self.dropout(self.projection(self.prompts[layer])).expand(batch, -1, -1)
+
+    def forward(
+        self, images: Tensor, backbone: ClipBackbone, layers: Sequence[int]
+    ) -> DenseFeatures:
+        """``B×3×H×W`` normalised images → L2-normalised V_l ``B×D×h×w`` and V_g ``B×D``, and
+        the raw patch tokens ``B×width×h×w`` of ``layers`` (0-based) as ``"layer{i}"``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Expected images of shape B×3×H×W; got {tuple(images.shape)}.")
+        if images.shape[-2] % backbone.stride or images.shape[-1] % backbone.stride:
+            raise ValueError(
+                f"Image size {tuple(images.shape[-2:])} is not a multiple of the patch size "
+                f"{backbone.stride}."
+            )
+        visual = backbone.model.visual
+        batch = images.shape[0]
+        grid = (images.shape[-2] // backbone.stride, images.shape[-1] // backbone.stride)
+        patches = visual.conv1(images).flatten(2).transpose(1, 2)
+        class_token = visual.class_embedding.to(patches.dtype).expand(batch, 1, -1)
+        tokens = torch.cat([class_token, patches], dim=1)
+        positions = backbone._positional_embedding(visual, grid).to(tokens.dtype)
+        tokens = visual.ln_pre(tokens + positions)
+        count = self.num_tokens
+        if count:
+            tokens = torch.cat([tokens[:, :1], self._layer_prompts(0, batch), tokens[:, 1:]], 1)
+        intermediates = {}
+        for index, block in enumerate(visual.transformer.resblocks):
+            if 0 < index < self.depth:  # Eq. 2: fresh prompts replace the previous outputs
+                prompts = self._layer_prompts(index, batch)
+                tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1 + count :]], dim=1)
+            tokens = _run_block(block, tokens, self.drop_path, self.training)
+            if index in layers:
+                intermediates[f"layer{index}"] = _tokens_to_map(tokens[:, 1 + count :], grid)
+        tokens = visual.ln_post(self.norm(tokens))
+        global_embedding = F.normalize(tokens[:, 0] @ visual.proj, dim=-1)
+        dense = F.normalize(tokens[:, 1 + count :] @ visual.proj, dim=-1)
+        return DenseFeatures(
+            dense=_tokens_to_map(dense, grid),
+            global_embedding=global_embedding,
+            intermediates=intermediates,
+            attention=None,
+            stride=backbone.stride,
+            input_size=tuple(images.shape[-2:]),
+        )
+
+
+class PromptedTextEncoder(nn.Module):
+    """The frozen CLIP text transformer with deep text prompts (Eqs. 1–2).
+
+    Token layout ``[SOS] p_1..p_K name . [EOS]``: the prompts take positions 1..K of every layer
+    (fresh ones up to ``depth``), the class tokens follow at their own positions, and the class
+    embedding is read at [EOS]. CLIP's causal mask keeps the [SOS] and prompt states independent
+    of the class name, so with "pretrain" initialisation the untrained encoder reproduces frozen
+    CLIP on ``"{template} {name}."`` exactly. The CLIP is passed to every call, not registered.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: ClipBackbone,
+        tokens: int,
+        depth: int | None,
+        init: str,
+        template: str,
+    ) -> None:
+        """
+        Arguments:
+            backbone: a CLIP with a causal text transformer pooled at [EOS].
+            tokens: K_t, prompts per layer (0: the template is ordinary text).
+            depth: layers with fresh prompts (None: all).
+            init: ``"pretrain"`` or ``"random"``.
+            template: the hand-crafted phrase for ``"pretrain"`` (and for ``tokens=0``).
+        """
+        super().__init__()
+        model = backbone.model
+        if not isinstance(getattr(model, "attn_mask", None), Tensor):
+            raise ValueError(f"{backbone.name}: LDVC needs a causal CLIP text transformer.")
+        self.template = template
+        self.depth = _prompt_depth(depth, len(model.transformer.resblocks), tokens)
+        self.num_tokens = tokens if self.depth else 0  # depth 0: the template as plain text
+        width = model.token_embedding.weight.shape[1]
+        prompts = torch.randn(self.depth, self.num_tokens, width) * 0.02
+        if init == "pretrain" and self.depth:
+            prompts = self._template_states(backbone, prompts)
+        self.prompts = nn.Parameter(prompts)
+
+    @torch.no_grad()
+    def _template_states(self, backbone: ClipBackbone, random_prompts: Tensor) -> Tensor:
+        """Per-layer hidden states of the template tokens (layer 0: token + position embedding,
+        layer i: the output of layer i−1), right-aligned in the K prompt slots; slots before a
+        short template keep their random layer-0 values and are propagated like tokens."""
+        model, tokenizer = backbone.model, backbone.tokenizer
+        words = tokenizer.encode(self.template)
+        if len(words) > self.num_tokens:
+            raise ValueError(
+                f"The prompt template {self.template!r} has {len(words)} BPE tokens; "
+                f"text_prompt_tokens={self.num_tokens} cannot hold them."
+            )
+        device = model.token_embedding.weight.device
+        length = 1 + self.num_tokens
+        ids = torch.tensor([tokenizer.sot_token_id], device=device)
+        hidden = model.token_embedding(ids)[None]
+        padding = torch.zeros(self.num_tokens - len(words), dtype=torch.long, device=device)
+        template_ids = torch.cat([padding, torch.tensor(words, device=device)])
+        template = model.token_embedding(template_ids)[None]
+        hidden = torch.cat([hidden, template], dim=1) + model.positional_embedding[:length]
+        random_slots = self.num_tokens - len(words)
+        hidden[0, 1 : 1 + random_slots] = random_prompts[0, :random_slots].to(hidden.dtype)
+        states = []
+        for index, block in enumerate(model.transformer.resblocks):
+            if index == self.depth:
+                break
+            states.append(hidden[0, 1:].clone())
+            hidden = block(hidden, attn_mask=model.attn_mask[:length, :length])
+        return torch.stack(states).to(random_prompts.dtype)
+
+    def token_ids(self, names: Sequence[str], backbone: ClipBackbone) -> Tensor:
+        """``N×L`` token ids with zeros in the prompt slots (``[SOS] 0..0 name . [EOS] pad``).
+
+        Names longer than the context are cut, keeping [EOS] (as CLIP's tokenizer does).
+        """
+        model, tokenizer = backbone.model, backbone.tokenizer
+        context = model.attn_mask.shape[0]
+        rows = []
+        for name in names:
+            text = f"{name}." if self.num_tokens else f"{self.template} {name}."
+            words = tokenizer.encode(text)[: context - 2 - self.num_tokens]
+            rows.append(
+                [tokenizer.sot_token_id] + [0] * self.num_tokens + words + [tokenizer.eot_token_id]
+            )
+        length = max(len(row) for row in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = torch.tensor(row)
+        return ids.to(model.token_embedding.weight.device)
+
+    def forward(self, names: Sequence[str], backbone: ClipBackbone) -> Tensor:
+        """``N`` class names → ``N×D`` L2-normalised class embeddings T (batched)."""
+        return torch.cat(
+            [
+                self._encode(names[start : start + TEXT_BATCH_SIZE], backbone)
+                for start in range(0, len(names), TEXT_BATCH_SIZE)
+            ]
+        )
+
+    def _encode(self, names: Sequence[str], backbone: ClipBackbone) -> Tensor:
+        model = backbone.model
+        ids = self.token_ids(names, backbone)
+        length = ids.shape[1]
+        slots = slice(1, 1 + self.num_tokens)
+        hidden = model.token_embedding(ids) + model.positional_embedding[:length]
+        mask = model.attn_mask[:length, :length]
+        for index, block in enumerate(model.transformer.resblocks):
+            if index < self.depth:  # Eq. 2; layer 0's prompts already hold their positions
+                prompts = self.prompts[index].to(hidden.dtype).expand(len(names), -1, -1)
+                hidden = torch.cat([hidden[:, :1], prompts, hidden[:, slots.stop :]], dim=1)
+            hidden = block(hidden, attn_mask=mask)
+        hidden = model.ln_final(hidden)
+        pooled = hidden[torch.arange(len(names), device=ids.device), ids.argmax(dim=-1)]
+        projection = model.text_projection
+        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+        return F.normalize(pooled, dim=-1)
+
+
+class TextAdapter(nn.Module):
+    """Eq. 3: ``T_new = Proj([T ⊙ V_g; T])``, class embeddings conditioned on each image."""
+
+    def __init__(self, *, dim: int) -> None:
+        """``dim``: D, the joint embedding width (Proj is Linear 2D → D)."""
+        super().__init__()
+        self.projection = nn.Linear(2 * dim, dim)
+
+    def forward(self, class_embeddings: Tensor, global_embedding: Tensor) -> Tensor:
+        """T ``N×D`` and V_g ``B×D`` → T_new ``B×N×D``."""
+        classes = class_embeddings[None].expand(global_embedding.shape[0], -1, -1)
+        conditioned = classes * global_embedding[:, None]
+        return self.projection(torch.cat([conditioned, classes], dim=-1))
+
+
+# ---------------------------------------------------------------------------------- decoder
+
+
+@dataclass
+class Routing:
+    """Which windows each window attends to in one LCSA call (Eqs. 8–10).
+
+    Attributes:
+        indices: ``B×S_w×m`` the routed windows of every query window (row-major window index),
+            ordered by decreasing affinity.
+        affinity: ``B×S_w×S_w`` window-to-window affinity ``V_w V_wᵀ``.
+        grid: ``(h/n, w/n)`` windows per column and row.
+    """
+
+    indices: Tensor
+    affinity: Tensor
+    grid: tuple[int, int]
+
+
+def _windows(tokens: Tensor, size: int) -> Tensor:
+    """``B×h×w×C`` → ``B×S_w×n²×C`` (row-major windows, row-major tokens inside)."""
+    batch, height, width, channels = tokens.shape
+    tokens = tokens.view(batch, height // size, size, width // size, size, channels)
+    return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, size * size, channels)
+
+
+def _unwindow(tokens: Tensor, size: int, grid: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`_windows`: ``B×S_w×n²×C`` → ``B×h×w×C``."""
+    batch, _, _, channels = tokens.shape
+    tokens = tokens.view(batch, grid[0], grid[1], size, size, channels)
+    return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, grid[0] * size, grid[1] * size, -1)
+
+
+def _split_heads(tokens: Tensor, heads: int) -> Tensor:
+    """``...×L×(heads·d)`` → ``...×heads×L×d``."""
+    *lead, length, width = tokens.shape
+    return tokens.view(*lead, length, heads, width // heads).transpose(-3, -2)
+
+
+def _merge_heads(tokens: Tensor) -> Tensor:
+    tokens = tokens.transpose(-3, -2)
+    return tokens.reshape(*tokens.shape[:-2], -1)
+
+
+class RouteAttention(nn.Module):
+    """Local consensus self-attention (LCSA, Eqs. 8–12): routed multi-head self-attention.
+
+    Tokens are pooled into ``n×n`` windows (Eq. 8); each window picks the ``m`` windows of highest
+    dot-product affinity with it (Eq. 10, shared across heads, no gradient through the choice)
+    and its tokens attend only to the tokens of those windows (Eqs. 11–12). With ``m`` equal to
+    the number of windows, or ``route=False``, it is plain global multi-head self-attention with
+    the same weights ("LCTD w/o LCSA").
+    """
+
+    def __init__(
+        self, *, dim: int, heads: int, window_size: int, top_m: int, route: bool, dropout: float
+    ) -> None:
+        """
+        Arguments:
+            dim: token width D (divisible by ``heads``).
+            heads: attention heads.
+            window_size: n, the window side in tokens.
+            top_m: m, routed windows per query window (clamped to the number of windows).
+            route: False: plain global self-attention.
+            dropout: dropout on the attention probabilities in training.
+        """
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}.")
+        self.heads = heads
+        self.window_size = window_size
+        self.top_m = top_m
+        self.route = route
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)  # Eq. 9
+        self.output = nn.Linear(dim, dim)
+
+    def routing(self, tokens: Tensor, top_m: int | None = None) -> Routing:
+        """Window descriptors, affinity and top-m routing of ``B×h×w×D`` tokens (Eqs. 8, 10)."""
+        size = self.window_size
+        height, width = tokens.shape[1:3]
+        if height % size or width % size:
+            raise ValueError(
+                f"LCSA needs a token grid in whole {size}×{size} windows; got {height}×{width} "
+                f"(resize the image to a multiple of {size} patches, e.g. the config's input_size)."
+            )
+        grid = (height // size, width // size)
+        descriptors = F.avg_pool2d(tokens.permute(0, 3, 1, 2), size)  # Eq. 8
+        descriptors = descriptors.flatten(2).transpose(1, 2)  # B×S_w×D
+        affinity = descriptors @ descriptors.transpose(1, 2)  # Eq. 10
+        count = min(top_m or self.top_m, grid[0] * grid[1])
+        indices = affinity.detach().topk(count, dim=-1).indices
+        return Routing(indices=indices, affinity=affinity.detach(), grid=grid)
+
+    def forward(self, tokens: Tensor, *, top_m: int | None = None) -> tuple[Tensor, Routing | None]:
+        """``B×h×w×D`` tokens → ``B×h×w×D`` and the routing (None for plain attention).
+
+        ``top_m`` overrides the configured m for this call (the demo's m slider).
+        """
+        batch, height, width, channels = tokens.shape
+        query, key, value = self.qkv(tokens).chunk(3, dim=-1)  # Eq. 9
+        dropout = self.dropout if self.training else 0.0
+        if not self.route:
+            q, k, v = (_split_heads(t.flatten(1, 2), self.heads) for t in (query, key, value))
+            attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            merged = _merge_heads(attended).view(batch, height, width, channels)
+            return self.output(merged), None
+        routing = self.routing(tokens, top_m)
+        size = self.window_size
+        query, key, value = (_windows(t, size) for t in (query, key, value))  # B×S_w×n²×D
+        image = torch.arange(batch, device=tokens.device)[:, None, None]
+        routed_keys = key[image, routing.indices].flatten(2, 3)  # Eq. 11: B×S_w×m·n²×D
+        routed_values = value[image, routing.indices].flatten(2, 3)
+        q, k, v = (_split_heads(t, self.heads) for t in (query, routed_keys, routed_values))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # Eq. 12
+        merged = _unwindow(_merge_heads(attended), size, routing.grid)
+        return self.output(merged), routing
+
+
+class LocalConsensusBlock(nn.Module):
+    """One pre-norm LCTD block (Eqs. 4–7) on image tokens, guided by fixed class anchors.
+
+    ``V = V_in + Conv1×1(V_j)``; ``V += LCSA(LN₁ V)``; ``V += CA(LN₂ V, LN₃ T_new)`` with the image
+    tokens as queries and the class embeddings as keys and values; ``V += MLP(LN₄ V)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        feature_dim: int,
+        heads: int,
+        window_size: int,
+        top_m: int,
+        route: bool,
+        mlp_ratio: float,
+        dropout: float,
+    ) -> None:
+        """
+        Arguments:
+            dim: D, the decoder width (CLIP's joint embedding width).
+            feature_dim: width of the intermediate CLIP tokens V_j.
+            heads: attention heads.
+            window_size, top_m, route: LCSA settings (see :class:`RouteAttention`).
+            mlp_ratio: MLP hidden width as a multiple of ``dim``.
+            dropout: dropout on each sub-layer's output (and LCSA's attention probabilities).
+        """
+        super().__init__()
+        self.feature_projection = nn.Conv2d(feature_dim, dim, 1)  # Eq. 4
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attention = RouteAttention(
+            dim=dim,
+            heads=heads,
+            window_size=window_size,
+            top_m=top_m,
+            route=route,
+            dropout=dropout,
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.cross_attention = MultiHeadAttention(dim=dim, heads=heads)
+        self.norm4 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        clip_features: Tensor,
+        anchors: Tensor,
+        *,
+        top_m: int | None = None,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Routing | None, Tensor | None]:
+        """
+        Arguments:
+            tokens: V_in ``B×h×w×D``.
+            clip_features: V_j ``B×C×h×w``, this block's intermediate CLIP tokens.
+            anchors: T_new ``B×N×D`` (read, never updated).
+            top_m: override of m for this call.
+            return_attention: also return the cross-attention ``B×heads×(h·w)×N``.
+
+        Returns:
+            V_out ``B×h×w×D``, the LCSA routing (None without routing) and the cross-attention.
+        """
+        batch, height, width, channels = tokens.shape
+        tokens = tokens + self.feature_projection(clip_features).permute(0, 2, 3, 1)  # Eq. 4
+        attended, routing = self.self_attention(self.norm1(tokens), top_m=top_m)
+        tokens = tokens + self.dropout(attended)  # Eq. 5
+        queries = self.norm2(tokens).flatten(1, 2)
+        keys = self.norm3(anchors)
+        crossed = self.cross_attention(queries, keys, return_attention=return_attention)
+        weights = None
+        if return_attention:
+            crossed, weights = crossed
+        tokens = tokens + self.dropout(crossed.view(batch, height, width, channels))  # Eq. 6
+        tokens = tokens + self.dropout(self.mlp(self.norm4(tokens)))  # Eq. 7
+        return tokens, routing, weights
+
+
+def _default_inter_layers(depth: int, blocks: int) -> tuple[int, ...]:
+    """0-based ViT layers feeding the blocks: ending at the last layer, a third of the depth
+    apart for two blocks ((7, 11) of 12, (3, 5) of 6), closer for more."""
+    spacing = max(1, round(depth / 3 / max(1, blocks - 1)))
+    return tuple(max(0, depth - 1 - spacing * (blocks - 1 - block)) for block in range(blocks))
+
+
+# ------------------------------------------------------------------------------------- loss
+
+
+def focal_dice_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    focal_weight: float = 100.0,
+    dice_weight: float = 1.0,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    ignore_as_negative: bool = True,
+) -> dict[str, Tensor]:
+    """ZegCLIP's sigmoid focal + dice loss over one-hot class maps (spec §4.2).
+
+    Arguments:
+        logits: ``B×N×H×W`` score maps at the target resolution.
+        target: ``B×H×W`` class indices, ``IGNORE_INDEX`` where unlabelled.
+        focal_weight, dice_weight: the weights of the two terms (100 and 1).
+        alpha, gamma: focal-loss parameters.
+        ignore_as_negative: ignored pixels count as negatives of every class in the focal term;
+            False leaves them out of it (the dice term always counts every pixel).
+
+    Returns:
+        ``loss_focal`` and ``loss_dice``, both already weighted. Each focal map is averaged over
+        its pixels; focal maps are summed over all ``B×N`` maps and dice over the maps of the
+        classes present; both are divided by ``num_masks``, the present (image, class) pairs.
+    """
+    classes = torch.arange(logits.shape[1], device=target.device)
+    onehot = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)  # B×N×H×W
+    present = onehot.flatten(2).amax(dim=-1)  # B×N
+    num_masks = present.sum().clamp_min(1.0)
+    probability = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    p_t = probability * onehot + (1 - probability) * (1 - onehot)
+    alpha_t = alpha * onehot + (1 - alpha) * (1 - onehot)
+    focal = alpha_t * cross_entropy * (1 - p_t) ** gamma
+    if ignore_as_negative:
+        focal_maps = focal.flatten(2).mean(dim=-1)
+    else:
+        labelled = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
+        focal_maps = (focal * labelled).flatten(2).sum(-1) / labelled.flatten(2).sum(-1).clamp_min(
+            1.0
+        )
+    overlap = (probability * onehot).flatten(2).sum(-1)
+    total = probability.flatten(2).sum(-1) + onehot.flatten(2).sum(-1)
+    dice_maps = 1 - (2 * overlap + 1) / (total + 1)
+    return {
+        "loss_focal": focal_weight * focal_maps.sum() / num_masks,
+        "loss_dice": dice_weight * (dice_maps * present).sum() / num_masks,
+    }
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def _tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
+
+
+def _class_synonyms(vocabulary: VocabularyLike) -> tuple[tuple[str, ...], ...]:
+    classes = []
+    for entry in vocabulary:
+        synonyms = (entry,) if isinstance(entry, str) else tuple(entry)
+        if not synonyms or not all(isinstance(s, str) and s.strip() for s in synonyms):
+            raise ValueError(f"Each class needs at least one non-empty name; got {entry!r}.")
+        classes.append(synonyms)
+    if not classes:
+        raise ValueError("The vocabulary is empty.")
+    return tuple(classes)
+
+
+def routed_windows(routing: Routing, window: int | tuple[int, int]) -> Tensor:
+    """The windows one window attends to, as ``B×m×2`` (row, column) on the window grid.
+
+    Arguments:
+        routing: a block's :class:`Routing` (``intermediates["routing"][block]``).
+        window: a row-major window index or its (row, column) on the ``routing.grid``.
+    """
+    rows, cols = routing.grid
+    if not isinstance(window, int):
+        row, col = window
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
+        window = row * cols + col
+    if not 0 <= window < rows * cols:
+        raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
+    chosen = routing.indices[:, window]
+    return torch.stack([chosen // cols, chosen % cols], dim=-1)
+
+
+class Ldvc(SegmentationMethod):
+    """LDVC on a frozen ViT CLIP: VLPT → text adapter → LCTD → ``S = T_new · V_oᵀ``.
+
+    The head runs when the module is training or ``trained_head`` is set; otherwise
+    :meth:`segment` raises :class:`UntrainedHeadError` (LDVC has no training-free path).
+    """
+
+    name = "ldvc"
+    trained_head = False
+
+    def __init__(self, *, config: LdvcConfig, backbone: ClipBackbone) -> None:
+        """
+        Arguments:
+            config: the settings; ``input_size`` must give a token grid of whole LCSA windows.
+            backbone: a ViT CLIP. All its parameters are frozen (``requires_grad=False``).
+        """
+        super().__init__()
+        if backbone.kind != "vit":
+            raise ValueError(
+                f"LDVC prompts every layer of a ViT CLIP; {backbone.name} has a "
+                f"{backbone.kind} image tower."
+            )
+        tokens_per_side = config.input_size // backbone.stride
+        if config.input_size % backbone.stride or tokens_per_side % config.window_size:
+            raise ValueError(
+                f"input_size {config.input_size} must be a multiple of the patch size "
+                f"{backbone.stride} times window_size {config.window_size}."
+            )
+        self.config = config
+        self.backbone = backbone
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(False)
+        dim = backbone.embed_dim
+        self.inter_layers = config.inter_layers or _default_inter_layers(
+            backbone.num_layers, config.decoder_blocks
+        )
+        if len(self.inter_layers) != config.decoder_blocks:
+            raise ValueError(
+                f"inter_layers {self.inter_layers} must name one ViT layer per decoder block "
+                f"({config.decoder_blocks})."
+            )
+        for layer in self.inter_layers:
+            if not 0 <= layer < backbone.num_layers:
+                raise ValueError(f"inter_layers: {layer} is not a layer of {backbone.num_layers}.")
+        if dim % config.heads:
+            raise ValueError(f"The decoder width {dim} is not divisible by heads {config.heads}.")
+        self.image_encoder = PromptedImageEncoder(
+            backbone=backbone,
+            tokens=config.visual_prompt_tokens,
+            depth=config.visual_prompt_depth,
+            projection=config.prompt_projection,
+            dropout=config.prompt_dropout,
+            drop_path=config.drop_path,
+        )
+        self.text_encoder = PromptedTextEncoder(
+            backbone=backbone,
+            tokens=config.text_prompt_tokens,
+            depth=config.text_prompt_depth,
+            init=config.text_prompt_init,
+            template=config.text_prompt_template,
+        )
+        self.text_adapter = TextAdapter(dim=dim) if config.text_adapter else None
+        self.blocks = nn.ModuleList(
+            LocalConsensusBlock(
+                dim=dim,
+                feature_dim=backbone.layer_dims[layer],
+                heads=config.heads,
+                window_size=config.window_size,
+                top_m=config.top_m,
+                route=config.route_attention,
+                mlp_ratio=config.mlp_ratio,
+                dropout=config.dropout,
+            )
+            for layer in self.inter_layers
+        )
+        self.final_norm = nn.LayerNorm(dim) if config.final_norm else None
+        self.logit_scale = (
+            nn.Parameter(torch.tensor(math.log(10.0))) if config.cosine_logits else None
+        )
+        self._init_head()
+        if config.image_normalisation == "imagenet":
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            mean, std = (
+                backbone.image_mean.flatten().tolist(),
+                backbone.image_std.flatten().tolist(),
+            )
+        self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._text_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def _init_head(self) -> None:
+        """Trunc-normal(0.02) Linear and Conv weights with zero biases (ZegCLIP); the prompts
+        keep their own initialisation and the LayerNorms PyTorch's."""
+        modules = [self.blocks, self.text_adapter, self.image_encoder.projection]
+        for root in modules:
+            if root is None:
+                continue
+            for module in root.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+
+    # ----------------------------------------------------------------------------- training
+    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """AdamW groups: every trainable tensor (visual prompts, text prompts, adapter, decoder)
+        at ``base_lr`` (2e-4): no zero multiplier that would freeze the text prompts (spec §4.1).
+        Prompts, Linear and Conv weights decay by ``config.weight_decay``; norms, biases and the
+        logit scale do not."""
+        decay = self.config.weight_decay
+        names = {
+            "image_encoder.": "visual_prompts",
+            "text_encoder.": "text_prompts",
+            "text_adapter.": "text_adapter",
+        }
+        groups: dict[tuple[str, bool], list[Tensor]] = {}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            group = next((g for prefix, g in names.items() if name.startswith(prefix)), "decoder")
+            decays = name.endswith("prompts") or (name.endswith(".weight") and parameter.ndim > 1)
+            groups.setdefault((group, decays), []).append(parameter)
+        return [
+            {
+                "name": group if decays else f"{group}_no_decay",
+                "params": params,
+                "lr": base_lr,
+                "weight_decay": decay if decays else 0.0,
+            }
+            for (group, decays), params in groups.items()
+        ]
+
+    def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
+        """Focal + dice (weights 100 and 1) on the score maps upsampled to the target size.
+
+        In transductive self-training the unseen-class maps join the vocabulary's, and ignored
+        pixels whose best unseen-class probability reaches ``pseudo_label_threshold`` are
+        labelled with that class (the model's own detached prediction).
+        """
+        logits = upsample_logits(output.logits, target.shape[-2:])
+        target = target.long()
+        unseen = getattr(output, "unseen_logits", None)
+        if unseen is not None:
+            unseen = upsample_logits(unseen, target.shape[-2:])
+            probability, best = unseen.detach().sigmoid().max(dim=1)
+            confident = (target == IGNORE_INDEX) & (
+                probability >= self.config.pseudo_label_threshold
+            )
+            target = torch.where(confident, best + logits.shape[1], target)
+            logits = torch.cat([logits, unseen], dim=1)
+        return focal_dice_loss(
+            logits,
+            target,
+            focal_weight=self.config.focal_weight,
+            dice_weight=self.config.dice_weight,
+            alpha=self.config.focal_alpha,
+            gamma=self.config.focal_gamma,
+            ignore_as_negative=self.config.ignore_as_negative,
+        )
+
+    # ------------------------------------------------------------------------------ images
+    def _uses_head(self) -> bool:
+        return self.trained_head or self.training
+
+    def encode_image(self, images: Tensor) -> DenseFeatures:
+        """``B×3×H×W`` images in [0, 1] → prompted CLIP features: V_l ``B×D×h×w`` and V_g
+        ``B×D`` (L2-normalised) and the intermediate tokens V_j ``B×width×h×w`` of
+        ``inter_layers`` (``"layer{i}"``)."""
+        normalised = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+        return self.image_encoder(normalised, self.backbone, self.inter_layers)
+
+    # -------------------------------------------------------------------------------- text
+    def encode_classes(self, vocabulary: VocabularyLike) -> Tensor:
+        """T ``K×D``: L2-normalised prompted text embeddings (synonyms averaged).
+
+        Cached by vocabulary and prompt version when no gradient flows into the prompts.
+        """
+        classes = _class_synonyms(vocabulary)
+        prompts = self.text_encoder.prompts
+        needs_grad = torch.is_grad_enabled() and prompts.requires_grad and prompts.numel() > 0
+        key = (classes, prompts._version, prompts.data_ptr(), prompts.device, prompts.dtype)
+        if not needs_grad and key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        names = [name for synonyms in classes for name in synonyms]
+        owners = torch.tensor(
+            [index for index, synonyms in enumerate(classes) for _ in synonyms],
+            device=prompts.device,
+        )
+        with torch.set_grad_enabled(needs_grad):
+            embeddings = self.text_encoder(names, self.backbone)
+            summed = embeddings.new_zeros(len(classes), embeddings.shape[-1])
+            text = F.normalize(summed.index_add(0, owners, embeddings), dim=-1)
+        if not needs_grad:
+            self._text_cache[key] = text
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+        return text
+
+    # ------------------------------------------------------------------------------ segment
+    def segment(
+        self,
+        image_features: DenseFeatures,
+        vocabulary: VocabularyLike,
+        *,
+        return_intermediates: bool = False,
+        target: Tensor | None = None,
+        **options: Any,
+    ) -> LdvcOutput:
+        """Score every token against the image-conditioned class embeddings (Eqs. 3–13).
+
+        Arguments:
+            image_features: what :meth:`encode_image` returned.
+            vocabulary: ``K`` class names or synonym tuples.
+            return_intermediates: also return T, T_new, V_l, V_o, the score map S, every block's
+                cross-attention and LCSA routing (see :meth:`_intermediates`).
+            target: unused (LDVC trains the same way on every vocabulary).
+            options: ``top_m`` (override m), ``seen_classes`` (names) and ``seen_prob_offset``
+                (subtracted from their sigmoid probabilities; the scores are then calibrated
+                probabilities instead of logits).
+
+        Raises:
+            UntrainedHeadError: in eval mode without trained head weights.
+        """
+        unknown = set(options) - set(SEGMENT_OPTIONS)
+        if unknown:
+            raise ValueError(f"Unknown ldvc option(s) {sorted(unknown)}; known: {SEGMENT_OPTIONS}.")
+        if not self._uses_head():
+            raise UntrainedHeadError(
+                "LDVC has no training-free path and this model has no trained head weights "
+                f"(none at {ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS}). Train one with "
+                "`python training/train.py --config training/configs/ldvc-toy.json`, then load it "
+                "with ovseg.load('ldvc', weights=...)."
+            )
+        classes = _class_synonyms(vocabulary)
+        extra: tuple[str, ...] = ()
+        if self.training and self.config.self_training:
+            known = {name for synonyms in classes for name in synonyms}
+            extra = tuple(name for name in self.config.unseen_classes if name not in known)
+        class_embeddings = self.encode_classes(classes + tuple((name,) for name in extra))
+        global_embedding = image_features.global_embedding
+        if self.text_adapter is not None:
+            anchors = self.text_adapter(class_embeddings, global_embedding)  # Eq. 3
+        else:
+            anchors = class_embeddings[None].expand(global_embedding.shape[0], -1, -1)
+
+        tokens = image_features.dense.permute(0, 2, 3, 1)  # V_l, B×h×w×D
+        routings, attentions = [], []
+        for block, layer in zip(self.blocks, self.inter_layers, strict=True):
+            tokens, routing, attention = block(
+                tokens,
+                image_features.intermediates[f"layer{layer}"],
+                anchors,
+                top_m=options.get("top_m"),
+                return_attention=return_intermediates,
+            )
+            routings.append(routing)
+            attentions.append(attention)
+        decoded = tokens if self.final_norm is None else self.final_norm(tokens)
+        if self.logit_scale is not None:
+            scores = torch.einsum(
+                "bnd,bhwd->bnhw", F.normalize(anchors, dim=-1), F.normalize(decoded, dim=-1)
+            )
+            scores = scores * self.logit_scale.exp()
+        else:
+            scores = torch.einsum("bnd,bhwd->bnhw", anchors, decoded)  # Eq. 13
+        vocabulary_scores = scores[:, : len(classes)]
+        logits = upsample_logits(vocabulary_scores, image_features.input_size)
+        offset = options.get("seen_prob_offset", self.config.seen_prob_offset)
+        seen = options.get("seen_classes")
+        if offset and seen:
+            names = set(seen)
+            is_seen = torch.tensor(
+                [any(name in names for name in synonyms) for synonyms in classes],
+                device=logits.device,
+            )
+            logits = logits.sigmoid() - offset * is_seen.to(logits.dtype)[None, :, None, None]
+        intermediates = {}
+        if return_intermediates:
+            intermediates = self._intermediates(
+                image_features, class_embeddings, anchors, decoded, scores, routings, attentions
+            )
+        return LdvcOutput(
+            logits=logits,
+            intermediates=intermediates,
+            unseen_logits=scores[:, len(classes) :] if extra else None,
+        )
+
+    def _intermediates(
+        self,
+        image_features: DenseFeatures,
+        class_embeddings: Tensor,
+        anchors: Tensor,
+        decoded: Tensor,
+        scores: Tensor,
+        routings: list[Routing | None],
+        attentions: list[Tensor],
+    ) -> dict[str, Any]:
+        """The demo's view: ``class_embeddings`` T ``K×D``, ``conditioned_class_embeddings``
+        T_new ``B×K×D``, ``visual_features`` V_l and ``decoded_features`` V_o ``B×D×h×w``,
+        ``score_map`` S ``B×K×h×w``, ``cross_attention`` (per block ``B×heads×(h·w)×K``),
+        ``class_attention_maps`` (last block, head-averaged, ``B×K×h×w``: Fig. 1),
+        ``routing`` (per block :class:`Routing`, None without LCSA; see :func:`routed_windows`)
+        and ``window_size``."""
+        grid = tuple(image_features.dense.shape[-2:])
+        last = attentions[-1] if attentions else None
+        class_maps = None
+        if last is not None:
+            class_maps = last.mean(dim=1).transpose(1, 2).reshape(last.shape[0], -1, *grid)
+        return {
+            "class_embeddings": class_embeddings,
+            "conditioned_class_embeddings": anchors,
+            "visual_features": image_features.dense,
+            "decoded_features": decoded.permute(0, 3, 1, 2),
+            "score_map": scores,
+            "cross_attention": attentions,
+            "class_attention_maps": class_maps,
+            "routing": routings,
+            "window_size": self.config.window_size,
+        }
+
+
+# ----------------------------------------------------------------------------------- builder
+
+
+def _weights_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def _saved_config(weights: Path) -> dict[str, Any]:
+    """The config saved next to ``weights`` by :func:`save_weights` (empty if there is none)."""
+    record_path = weights.with_suffix(".json")
+    if not record_path.is_file():
+        return {}
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"{record_path} is not a readable config: {error}.") from error
+    if record.get("method") != Ldvc.name:
+        raise WeightsError(f"{weights} holds {record.get('method')!r} weights, not ldvc.")
+    known = {f.name for f in dataclasses.fields(LdvcConfig)}
+    return {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in record.get("config", {}).items()
+        if key in known
+    }
+
+
+@register_method("ldvc")
+def build_ldvc(
+    *,
+    backbone: str | ClipBackbone | None = None,
+    weights: str | None = None,
+    device: str | torch.device | None = None,
+    **config: Any,
+) -> Ldvc:
+    """Build LDVC.
+
+    Arguments:
+        backbone: a loaded ViT :class:`ClipBackbone`, or a name/alias for :func:`load_backbone`
+            (default ``config.backbone``, the ToyWorld ViT CLIP).
+        weights: a checkpoint written by :func:`ovseg.methods.base.save_weights` (its JSON config
+            is the base the other arguments override). None: the shipped
+            ``assets/ldvc-toy.safetensors`` for the toy ViT if it exists, else an untrained model
+            (``trained_head=False``) that trains but refuses to segment.
+        device: where to build it.
+        config: any :class:`LdvcConfig` field.
+
+    A backbone passed in is shared (and frozen), except when weights are loaded: they hold a
+    CLIP too, so the method gets its own copy and the caller's backbone is left unchanged.
+
+    Raises:
+        WeightsError: if an explicit ``weights`` file is missing or does not fit.
+    """
+    shared = isinstance(backbone, ClipBackbone)
+    if isinstance(backbone, str):
+        config = {**config, "backbone": backbone}
+    backbone_name = backbone.name if shared else config.get("backbone", LdvcConfig.backbone)
+    weights_path = None
+    if weights is not None:
+        weights_path = _weights_path(weights)
+        if not weights_path.is_file():
+            raise WeightsError(f"No LDVC weights file at {weights_path}.")
+    elif "toy-vit" in backbone_name:
+        shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
+        weights_path = shipped if shipped.is_file() else None
+    saved = _saved_config(weights_path) if weights_path is not None else {}
+    settings = LdvcConfig(**saved).replace(**config)
+    if shared:
+        clip = backbone
+        if weights_path is not None:
+            clip = copy.deepcopy(backbone)
+            clip.clear_text_cache()
+    else:
+        clip = load_backbone(settings.backbone, settings.pretrained, device=device)
+    method = Ldvc(config=settings, backbone=clip)
+    if device is not None:
+        method = method.to(device)
+    if weights_path is not None:
+        load_weights(method, weights_path)
+        method.trained_head = True
+    return method.eval()
