@@ -107,7 +107,7 @@ def test_train_resumes_from_its_checkpoint_and_evaluates(tmp_path):
     assert method.trained_head
 
 
-@pytest.mark.parametrize("config", ["dcp-clip-toy", "dpseg-toy"])
+@pytest.mark.parametrize("config", ["dcp-clip-toy", "dpseg-toy", "esc-net-toy", "ldvc-toy"])
 def test_every_method_config_trains_through_the_one_trainer(tmp_path, config, monkeypatch):
     monkeypatch.setenv("OVSEG_VISUAL_PROMPT_CACHE", str(tmp_path / "prompts"))
     run_dir = tmp_path / config
@@ -141,3 +141,28 @@ def test_evaluate_prints_the_metric_table(tmp_path):
     assert [row["set"] for row in rows] == ["toy-seen", "toy-open"]
     assert "hIoU" in rows[1] and "hIoU" not in rows[0]
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
+
+
+def test_a_time_budget_stops_training_early_and_a_rerun_does_not_train_past_it(tmp_path):
+    run_dir = tmp_path / "timed"
+    overrides = [*tiny_training_overrides(run_dir, 100_000), "--set", "minutes=0.05"]
+    run(sys.executable, "training/train.py", "--config", str(CONFIG), *overrides)
+    import torch
+
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    stopped = int(state["iteration"])
+    assert 1 <= stopped < 100_000
+    assert float(state["seconds"]) >= 0.05 * 60
+    run(sys.executable, "training/train.py", "--config", str(CONFIG), *overrides)
+    assert int(torch.load(run_dir / "checkpoint.pt", weights_only=True)["iteration"]) == stopped
+
+
+def test_the_learning_rate_decays_over_whichever_budget_runs_out_first():
+    from training.train import TrainConfig, learning_rate_factor
+
+    config = TrainConfig(method="dense-clip", iterations=1000, warmup=1, minutes=10)
+    assert learning_rate_factor(config, 0, 0.0) == pytest.approx(1.0)
+    halfway_by_time = learning_rate_factor(config, 10, 300.0)
+    assert halfway_by_time == pytest.approx(0.5, abs=1e-9)
+    assert learning_rate_factor(config, 500, 0.0) == pytest.approx(0.5, abs=1e-9)
+    assert learning_rate_factor(config, 10, 600.0) == pytest.approx(0.0, abs=1e-12)

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import ovseg
+from ovseg.data.datasets import DATASETS, build_training_data
 from ovseg.data.toyworld import ToyWorld, ToyWorldDataset
 from ovseg.eval.evaluate import evaluate_toyworld, markdown_table, toyworld_vocabulary
 from ovseg.methods.base import IGNORE_INDEX, save_weights
@@ -64,6 +65,9 @@ class TrainConfig:
         classes_per_step: if set, each step trains on the classes present in the batch plus
             random other training classes up to this many (a cost measure for large training
             vocabularies on a CPU; every class still competes with many negatives).
+        minutes: optional time budget; training stops at ``iterations`` or after this many
+            minutes (time before a resume counts), whichever comes first, and the learning-rate
+            schedule runs over that budget so a time-boxed run still decays to zero.
     """
 
     method: str
@@ -86,6 +90,7 @@ class TrainConfig:
     eval_images: int = 100
     threads: int | None = None
     classes_per_step: int | None = None
+    minutes: float | None = None
 
     @classmethod
     def from_file(cls, path: Path, overrides: list[str]) -> TrainConfig:
@@ -131,10 +136,17 @@ def build_dataset(
     spec: dict[str, Any], seed: int
 ) -> tuple[torch.utils.data.IterableDataset, list, np.ndarray]:
     """The dataset (items with "image" and "labels"), the training vocabulary, and the map from
-    dataset labels to vocabulary indices (ignore for classes outside the vocabulary)."""
+    dataset labels to vocabulary indices (ignore for classes outside the vocabulary).
+
+    ``spec["name"]`` is ``"toyworld"`` or a real dataset of :data:`ovseg.data.datasets.DATASETS`
+    (e.g. ``{"name": "coco-stuff-164k", "split": "train2017", "crop_size": 384}``; see
+    :func:`ovseg.data.datasets.build_training_data` for its keys).
+    """
     name = spec.get("name", "toyworld")
+    if name in DATASETS:
+        return build_training_data(spec, seed, ignore_index=IGNORE_INDEX)
     if name != "toyworld":
-        raise ValueError(f"Unknown dataset {name!r}; available here: toyworld.")
+        raise ValueError(f"Unknown dataset {name!r}; available: toyworld, {', '.join(DATASETS)}.")
     image_size = int(spec.get("image_size", 256))
     split = spec.get("split", "seen")
     world = ToyWorld(image_size=image_size)
@@ -175,12 +187,35 @@ def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def learning_rate_factor(config: TrainConfig, iteration: int) -> float:
+def learning_rate_factor(config: TrainConfig, iteration: int, seconds: float = 0.0) -> float:
+    """Warm-up then decay; progress is the larger of the step and the time fraction."""
     warm = min(1.0, (iteration + 1) / max(1, config.warmup))
     progress = iteration / max(1, config.iterations)
+    if config.minutes:
+        progress = max(progress, seconds / (config.minutes * 60))
+    progress = min(progress, 1.0)
     if config.schedule == "poly":
         return warm * (1 - progress) ** 0.9
     return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def save_training_state(
+    path: Path,
+    method: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    seconds: float,
+) -> None:
+    """Write a checkpoint atomically, so an interrupted write never leaves a broken resume."""
+    state = {
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "seconds": seconds,
+    }
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -213,13 +248,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             find_unused_parameters=True,
         )
 
-    iteration = 0
+    iteration, previous_seconds = 0, 0.0
     checkpoint_path = run_dir / "checkpoint.pt"
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         iteration = int(state["iteration"])
+        previous_seconds = float(state.get("seconds", 0.0))
 
     dataset, vocabulary, to_index = build_dataset(config.dataset, config.seed + iteration)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0))
@@ -233,8 +269,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
         total=config.iterations, initial=iteration, desc=f"train {config.method}", disable=rank != 0
     )
     started = time.perf_counter()
+
+    def elapsed() -> float:
+        return previous_seconds + time.perf_counter() - started
+
+    budget = float("inf") if not config.minutes else config.minutes * 60
     while iteration < config.iterations:
-        factor = learning_rate_factor(config, iteration)
+        seconds = elapsed()
+        if world_size > 1 and config.minutes:
+            # Every rank must stop at the same iteration: rank 0's clock decides.
+            clock = torch.tensor([seconds], dtype=torch.float64)
+            dist.broadcast(clock, src=0)
+            seconds = float(clock.item())
+        if seconds >= budget:
+            break
+        factor = learning_rate_factor(config, iteration, seconds)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         batch = next(loader)
@@ -273,20 +322,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     f"lr_{g.get('name', i)}": f"{g['lr']:.2e}"
                     for i, g in enumerate(optimizer.param_groups)
                 }
-                row["seconds"] = f"{time.perf_counter() - started:.1f}"
+                row["seconds"] = f"{elapsed():.1f}"
                 if log_file.tell() == 0:
                     log.writerow(list(row))
                 log.writerow(list(row.values()))
                 progress.set_postfix(loss=row["loss"])
             if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
                 log_file.flush()
-                state = {
-                    "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "iteration": iteration,
-                }
-                torch.save(state, checkpoint_path)
+                save_training_state(checkpoint_path, method, optimizer, iteration, elapsed())
     progress.close()
+    if rank == 0 and iteration % config.checkpoint_every and iteration != config.iterations:
+        save_training_state(checkpoint_path, method, optimizer, iteration, elapsed())
 
     results: dict[str, Any] = {"iterations": iteration, "world_size": world_size}
     if rank == 0:
