@@ -2,25 +2,55 @@
 
 python training/evaluate.py --method dense-clip --sets toy-seen toy-open toy-full
 python training/evaluate.py --method dcp-clip --weights runs/dcp-clip/final --sets toy-open
+
+Benchmark mode: a checkpoint trained with a paper config, on the five cross-dataset benchmarks
+(or ZegCLIP's seen/unseen splits), next to the paper's numbers:
+
+python training/evaluate.py --config training/configs/paper/dcp-clip-vit-b-16-384.json \
+    --weights runs/paper/dcp-clip-vit-b-16-384/final --benchmarks all --datasets-root datasets
+python training/evaluate.py --config training/configs/paper/ldvc-vit-b-16-512-voc.json \
+    --weights runs/paper/ldvc-vit-b-16-512-voc/final --zero-shot pascal-voc-20 \
+    --option seen_prob_offset=0.1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 import ovseg
+from ovseg.data.datasets import BENCHMARKS, DATASETS, SegmentationDataset, zero_shot_split
 from ovseg.eval.evaluate import evaluate_toyworld, markdown_table
+from ovseg.eval.metrics import ConfusionMatrix
+from ovseg.methods.base import SegmentationMethod
+
+ZERO_SHOT_METRICS = ("mIoU(S)", "mIoU(U)", "hIoU")
+# The papers' numbers, keyed by paper config name: mIoU per benchmark, and (mIoU(S), mIoU(U),
+# hIoU) per "zero-shot:<dataset>".
+PAPER_RESULTS: dict[str, dict[str, Any]] = {
+    "dpseg-convnext-b-768": dict(zip(BENCHMARKS, (12.5, 20.1, 33.3, 58.4, 96.9), strict=True)),
+    "dpseg-convnext-l-768": dict(zip(BENCHMARKS, (15.7, 24.1, 37.1, 62.3, 98.5), strict=True)),
+    "dcp-clip-vit-b-16-384": dict(zip(BENCHMARKS, (12.3, 19.7, 32.4, 58.1, 95.9), strict=True)),
+    "dcp-clip-vit-l-14-336": dict(zip(BENCHMARKS, (16.4, 24.3, 38.1, 63.8, 97.3), strict=True)),
+    "esc-net-vit-b-16-336": dict(zip(BENCHMARKS, (13.3, 21.1, 35.6, 59.0, 97.3), strict=True)),
+    "esc-net-vit-l-14-336": dict(zip(BENCHMARKS, (18.1, 27.0, 41.8, 65.6, 98.3), strict=True)),
+    "ldvc-vit-b-16-512-voc": {"zero-shot:pascal-voc-20": (92.5, 82.3, 87.2)},
+    "ldvc-vit-b-16-512-coco-stuff": {"zero-shot:coco-stuff-164k": (43.2, 45.0, 44.1)},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--method", required=True, help=f"one of {ovseg.list_methods()}")
+    parser.add_argument("--method", default=None, help=f"one of {ovseg.list_methods()}")
     parser.add_argument(
         "--weights", default=None, help="method weights (default: shipped or training-free)"
     )
@@ -39,6 +69,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a segment() option, JSON-parsed, e.g. --option inference='\"II\"'",
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="a training config whose method and method_config build the model",
+    )  # fmt: skip
+    parser.add_argument(
+        "--benchmarks", nargs="+", default=None, metavar="DATASET",
+        help=f"'all' or some of {', '.join(DATASETS)} (their evaluation splits)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--zero-shot", nargs="+", default=None, metavar="DATASET",
+        help="seen/unseen/hIoU on ZegCLIP's splits: pascal-voc-20, coco-stuff-164k",
+    )  # fmt: skip
+    parser.add_argument("--datasets-root", default=None, help="default: $OVSEG_DATASETS")
+    parser.add_argument(
+        "--zero-shot-layout", default="mmseg", help="layout of the --zero-shot sets (ZegCLIP's)"
+    )
+    parser.add_argument(
+        "--paper", default=None, help="PAPER_RESULTS key (default: the config's file name)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     return parser.parse_args(argv)
 
@@ -51,10 +100,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for item in args.option:
         key, _, value = item.partition("=")
         options[key] = json.loads(value)
-    config = {}
+    config: dict[str, Any] = {}
+    method_name = args.method
+    if args.config is not None:
+        record = json.loads(args.config.read_text())
+        method_name = method_name or record["method"]
+        config = dict(record.get("method_config", {}))
+    if method_name is None:
+        raise SystemExit("Give --method or --config.")
     if args.pretrained is not None:
         config["pretrained"] = args.pretrained
-    method = ovseg.load(args.method, backbone=args.backbone, weights=args.weights, **config)
+    if args.backbone is not None:
+        config["backbone"] = args.backbone
+    method = ovseg.load(method_name, weights=args.weights, **config)
+    if args.benchmarks or args.zero_shot:
+        paper_key = args.paper or (args.config.stem if args.config else None)
+        return benchmark_mode(method, args, options, PAPER_RESULTS.get(paper_key, {}))
     rows = []
     for set_name in args.sets:
         result = evaluate_toyworld(
@@ -63,6 +124,81 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )  # fmt: skip
         rows.append(result.row() | {"trained_head": method.trained_head})
     print(markdown_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+@torch.no_grad()
+def evaluate_benchmark(
+    method: SegmentationMethod,
+    dataset: SegmentationDataset,
+    *,
+    zero_shot: bool = False,
+    num_images: int | None = None,
+    segment_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score ``method`` on a benchmark split over its whole vocabulary, as CAT-Seg and SED do:
+    each image is resized to the method's square input, the logits back to the label size, and
+    one confusion matrix accumulates over the split (the dataset's own ignore index).
+
+    With ``zero_shot``, also mIoU over ZegCLIP's seen and unseen classes and their hIoU; a
+    ``seen_prob_offset`` option is then given the seen class names (LDVC's calibration).
+    """
+    method.eval()
+    vocabulary = list(dataset.vocabulary)
+    options = dict(segment_options or {})
+    seen, unseen = zero_shot_split(dataset.name) if zero_shot else (None, None)
+    if zero_shot and "seen_prob_offset" in options:
+        options["seen_classes"] = [vocabulary[i][0] for i in seen]
+    matrix = ConfusionMatrix(len(vocabulary), ignore_index=dataset.ignore_index)
+    parameter = next(method.parameters())
+    size = method.config.input_size
+    count = len(dataset) if num_images is None else min(num_images, len(dataset))
+    started = time.perf_counter()
+    for index in tqdm(range(count), desc=f"{method.name} on {dataset.name}", disable=not progress):
+        item = dataset[index]
+        pixels = item["image"][None].to(device=parameter.device, dtype=parameter.dtype)
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
+        logits = method(pixels, vocabulary, **options).logits
+        logits = F.interpolate(logits.float(), size=item["labels"].shape, mode="bilinear")
+        matrix.update(logits.argmax(dim=1)[0].cpu().numpy(), item["labels"].numpy())
+    scores = matrix.scores(seen=seen, unseen=unseen) if zero_shot else matrix.scores()
+    row = {"method": method.name, "set": dataset.info.title, "images": count}
+    row |= {key: round(value, 2) for key, value in scores.as_dict().items()}
+    return row | {"s/img": round((time.perf_counter() - started) / max(1, count), 3)}
+
+
+def benchmark_mode(
+    method: SegmentationMethod,
+    args: argparse.Namespace,
+    options: dict[str, Any],
+    paper: dict[str, Any],
+) -> list[dict]:
+    """Run the chosen benchmarks and print this run next to the paper, one column per set."""
+    names = list(BENCHMARKS) if args.benchmarks == ["all"] else list(args.benchmarks or [])
+    runs = [(name, False) for name in names] + [(name, True) for name in args.zero_shot or []]
+    rows, ours, theirs = [], {"": "this run"}, {"": "paper"}
+    for name, zero_shot in runs:
+        layout = args.zero_shot_layout if zero_shot else "detectron2"
+        dataset = SegmentationDataset(name, root=args.datasets_root, layout=layout)
+        row = evaluate_benchmark(
+            method, dataset, zero_shot=zero_shot, num_images=args.num_images,
+            segment_options=options, progress=True,
+        )  # fmt: skip
+        rows.append(row | {"trained_head": method.trained_head})
+        title = row["set"]
+        if zero_shot:
+            expected = paper.get(f"zero-shot:{name}", ("–",) * len(ZERO_SHOT_METRICS))
+            for key, value in zip(ZERO_SHOT_METRICS, expected, strict=True):
+                ours[f"{title} {key}"], theirs[f"{title} {key}"] = row[key], value
+        else:
+            ours[title], theirs[title] = row["mIoU"], paper.get(name, "–")
+    print(markdown_table(rows))
+    print()
+    print(markdown_table([ours, theirs]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
