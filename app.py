@@ -1,15 +1,7 @@
-"""Launch the ovseg demo: ``python app.py`` (add ``--share`` for a public link)."""
+"""Launch the ovseg demo: ``python app.py`` (``--help`` lists the model flags, ``--share`` makes a
+public link). Every flag also reads an environment variable; see ``ovseg/demo/settings.py``."""
 
-import argparse
-import os
-
-from ovseg.demo import build_demo
+from ovseg.demo import launch
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    # Hugging Face Spaces set GRADIO_SERVER_NAME/PORT; locally the demo stays on loopback.
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--share", action="store_true")
-    args = parser.parse_args()
-    build_demo().queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    launch()

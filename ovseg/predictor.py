@@ -105,6 +105,45 @@ class Predictor:
         self._features.clear()
         self._encode_seconds.clear()
 
+    def replace_method(
+        self, name: str, method: SegmentationMethod, *, keep_features: bool = False
+    ) -> None:
+        """Swap the method run under ``name`` (e.g. a variant with other inference settings).
+
+        Arguments:
+            name: one of this predictor's method names.
+            method: the replacement.
+            keep_features: keep the image features already encoded for ``name``; only correct
+                when ``method`` encodes images exactly as the old one did (same backbone, weights
+                and input size).
+
+        Raises:
+            ValueError: for an unknown name.
+        """
+        if name not in self.methods:
+            raise ValueError(f"Unknown method {name!r}; this predictor has {list(self.methods)}.")
+        self.methods[name] = method
+        if not keep_features:
+            self._features.pop(name, None)
+            self._encode_seconds.pop(name, None)
+
+    def features(self, name: str) -> Any:
+        """The current image's features for method ``name``, encoded now if not cached yet.
+
+        Raises:
+            RuntimeError: if no image was set.
+            ValueError: for an unknown method.
+        """
+        if self.image is None:
+            raise RuntimeError("Call set_image(image) before asking for its features.")
+        if name not in self.methods:
+            raise ValueError(f"Unknown method {name!r}; this predictor has {list(self.methods)}.")
+        return self._encode(name)[0]
+
+    def is_encoded(self, name: str) -> bool:
+        """Whether the current image's features for ``name`` are cached."""
+        return name in self._features
+
     @torch.inference_mode()
     def _encode(self, name: str) -> tuple[Any, float]:
         if name in self._features:
