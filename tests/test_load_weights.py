@@ -17,7 +17,8 @@ def saved_dcp_clip(tmp_path, toy_vit):
     method = ovseg.load("dcp-clip", backbone=toy_vit, input_size=64, cost_dim=32, window_size=4)
     with torch.no_grad():
         for parameter in method.parameters():
-            parameter.add_(0.01)
+            if parameter.requires_grad:  # what training changes; frozen CLIP tensors stay put
+                parameter.add_(0.01)
     return method, save_weights(method, tmp_path / "heads" / "dcp-clip-custom")
 
 
@@ -65,3 +66,33 @@ def test_bad_hub_names_and_missing_hub_files_are_weights_errors(tmp_path, monkey
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub(tmp_path, []))
     with pytest.raises(WeightsError, match=r"Could not fetch heads\.safetensors from me/repo"):
         ovseg.load("dcp-clip", weights="hf-hub:me/repo/heads")
+
+
+def test_saved_weights_leave_out_the_frozen_clip_but_keep_what_was_fine_tuned(saved_dcp_clip):
+    from safetensors import safe_open
+
+    from ovseg.methods.base import frozen_pretrained_keys
+
+    method, path = saved_dcp_clip
+    with safe_open(str(path), "pt") as file:
+        saved = set(file.keys())
+    frozen = frozen_pretrained_keys(method)
+    assert frozen and not saved & frozen
+    tuned = {
+        n for n, p in method.named_parameters() if p.requires_grad and n.startswith("backbone")
+    }
+    assert tuned and tuned <= saved  # CLIP's fine-tuned Q/V rows travel with the head
+    assert saved | frozen == set(method.state_dict())
+
+
+def test_a_file_missing_trainable_tensors_is_refused(saved_dcp_clip, toy_vit, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved_dcp_clip
+    state = load_file(str(path))
+    state.pop(next(key for key in state if not key.startswith("backbone")))
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, str(broken))
+    with pytest.raises(WeightsError, match="missing"):
+        ovseg.load("dcp-clip", backbone=toy_vit, weights=str(broken), input_size=64, cost_dim=32,
+                   window_size=4)  # fmt: skip

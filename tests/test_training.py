@@ -143,6 +143,19 @@ def test_evaluate_prints_the_metric_table(tmp_path):
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
 
+def test_evaluate_sets_method_config_fields_for_inference_ablations():
+    from training.evaluate import main
+
+    rows = main(
+        ["--method", "dense-clip", "--pretrained", "random", "--sets", "toy-seen",
+         "--num-images", "1", "--set", 'dense_mode="standard"', "--set", "temperature=0.5",
+         "--label", "dense-clip (standard tokens)"]
+    )  # fmt: skip
+    assert rows[0]["method"] == "dense-clip (standard tokens)"
+    with pytest.raises(ValueError, match="no option"):
+        main(["--method", "dense-clip", "--pretrained", "random", "--set", "nonsense=1"])
+
+
 def test_a_time_budget_stops_training_early_and_a_rerun_does_not_train_past_it(tmp_path):
     run_dir = tmp_path / "timed"
     overrides = [*tiny_training_overrides(run_dir, 100_000), "--set", "minutes=0.05"]

@@ -68,6 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a segment() option, JSON-parsed, e.g. --option inference='\"II\"'",
     )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method config field, JSON-parsed, e.g. --set prompt_mode='\"text\"' "
+        "(architecture fields must match the weights)",
+    )
+    parser.add_argument(
+        "--label", default=None, help="what to call this model in the table (default: the method)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--config", type=Path, default=None,
@@ -112,6 +124,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         config["pretrained"] = args.pretrained
     if args.backbone is not None:
         config["backbone"] = args.backbone
+    for item in args.settings:
+        key, _, value = item.partition("=")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
     method = ovseg.load(method_name, weights=args.weights, **config)
     if args.benchmarks or args.zero_shot:
         paper_key = args.paper or (args.config.stem if args.config else None)
@@ -122,7 +140,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             method, set_name, num_images=args.num_images, batch_size=args.batch_size,
             segment_options=options, progress=True,
         )  # fmt: skip
-        rows.append(result.row() | {"trained_head": method.trained_head})
+        row = result.row() | {"trained_head": method.trained_head}
+        if args.label:
+            row["method"] = args.label
+        rows.append(row)
     print(markdown_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ class TrainConfig:
         classes_per_step: if set, each step trains on the classes present in the batch plus
             random other training classes up to this many (a cost measure for large training
             vocabularies on a CPU; every class still competes with many negatives).
+        output_dtype: ``"float16"`` stores the final weights in half precision (the shipped toy
+            heads, to keep ``assets/`` small); None keeps the training dtype.
         minutes: optional time budget; training stops at ``iterations`` or after this many
             minutes (time before a resume counts), whichever comes first, and the learning-rate
             schedule runs over that budget so a time-boxed run still decays to zero.
@@ -91,6 +93,7 @@ class TrainConfig:
     threads: int | None = None
     classes_per_step: int | None = None
     minutes: float | None = None
+    output_dtype: str | None = None
 
     @classmethod
     def from_file(cls, path: Path, overrides: list[str]) -> TrainConfig:
@@ -338,7 +341,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         log_file.close()
         output = config.output or str(run_dir / "final")
-        results["weights"] = str(save_weights(method, output))
+        dtype = getattr(torch, config.output_dtype) if config.output_dtype else None
+        results["weights"] = str(save_weights(method, output, dtype=dtype))
         method.eval()
         method.trained_head = True
         rows = [

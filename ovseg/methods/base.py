@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,9 @@ class SegmentationMethod(nn.Module):
     config: MethodConfig
     backbone: ClipBackbone
     trained_head: bool = False
+    # Submodules rebuilt from pretrained weights at load time: their frozen tensors are not saved
+    # with the method's weights (see :func:`save_weights`).
+    pretrained_prefixes: ClassVar[tuple[str, ...]] = ("backbone",)
 
     def encode_image(self, images: Tensor) -> Any:
         """Encode ``B×3×H×W`` images in [0, 1]; the result is what :meth:`segment` consumes."""
@@ -137,14 +141,47 @@ class SegmentationMethod(nn.Module):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": base_lr}]
 
 
-def save_weights(method: SegmentationMethod, path: str | os.PathLike) -> Path:
-    """Save a method's weights as ``<path>.safetensors`` with its config in ``<path>.json``."""
+def frozen_pretrained_keys(method: SegmentationMethod) -> set[str]:
+    """State-dict keys of frozen tensors in the method's pretrained submodules (the CLIP, and
+    frozen copies of it): the builder recreates them from the backbone's own weights, so saved
+    method weights leave them out. Trainable tensors there (e.g. fine-tuned Q/V) are kept."""
+    keys = set()
+    for prefix in method.pretrained_prefixes:
+        try:
+            module = method.get_submodule(prefix)
+        except AttributeError:
+            continue
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        keys.update(f"{prefix}.{name}" for name in module.state_dict() if name not in trainable)
+    return keys
+
+
+def save_weights(
+    method: SegmentationMethod, path: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Save a method's weights as ``<path>.safetensors`` with its config in ``<path>.json``.
+
+    Frozen pretrained tensors (:func:`frozen_pretrained_keys`) are left out: they come back from
+    the backbone named in the config, and shipping a second copy of the CLIP would only cost space.
+    ``dtype`` (e.g. ``torch.float16`` for the shipped toy heads) casts floating-point tensors;
+    loading casts them back to the method's own dtype.
+    """
     from safetensors.torch import save_file
 
     stem = Path(path)
     stem = stem.with_suffix("") if stem.suffix == ".safetensors" else stem
     stem.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in method.state_dict().items()}
+    frozen = frozen_pretrained_keys(method)
+    state = {
+        name: tensor.detach().contiguous()
+        for name, tensor in method.state_dict().items()
+        if name not in frozen
+    }
+    if dtype is not None:
+        state = {
+            name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+            for name, tensor in state.items()
+        }
     weights_path = stem.with_name(stem.name + ".safetensors")
     save_file(state, weights_path, metadata={"method": method.name})
     record = {"method": method.name, "config": dataclasses.asdict(method.config)}
@@ -153,7 +190,10 @@ def save_weights(method: SegmentationMethod, path: str | os.PathLike) -> Path:
 
 
 def load_weights(method: SegmentationMethod, path: str | os.PathLike) -> None:
-    """Load weights written by :func:`save_weights` into ``method`` (strictly).
+    """Load weights written by :func:`save_weights` into ``method``.
+
+    Every key of the file must fit, and every key the file lacks must be a frozen pretrained
+    tensor the method already holds from its backbone (full state dicts load too).
 
     Raises:
         WeightsError: missing, unreadable or corrupt file, another method's weights, or a state
@@ -173,12 +213,48 @@ def load_weights(method: SegmentationMethod, path: str | os.PathLike) -> None:
         raise WeightsError(
             f"{weights_path} is not a readable safetensors file: {error}."
         ) from error
-    try:
-        method.load_state_dict(state, strict=True)
-    except RuntimeError as error:
+    # Check everything before copying anything, so a file that does not fit leaves the method
+    # exactly as it was.
+    own = method.state_dict()
+    missing = sorted(set(own) - set(state) - frozen_pretrained_keys(method))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
         raise WeightsError(
-            f"{weights_path} does not fit {method.name} with its current config: {error}"
-        ) from error
+            f"{weights_path} does not fit {method.name} with its current config: "
+            + "; ".join(
+                f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("different shapes for", mismatched),
+                )
+                if keys
+            )
+            + "."
+        )
+    method.load_state_dict(state, strict=False)
+
+
+def load_head_weights(method: SegmentationMethod, path: Path, *, shipped: bool) -> bool:
+    """Load head weights into a freshly built method and say whether it now has a trained head.
+
+    Weights the caller named must fit (:class:`WeightsError` otherwise). The shipped toy head is
+    only a default: when the settings given change its architecture (another ``cost_dim``, say),
+    it is skipped with a warning and the method keeps its untrained head and training-free path.
+    """
+    try:
+        load_weights(method, path)
+    except WeightsError as error:
+        if not shipped:
+            raise
+        warnings.warn(
+            f"Not using the shipped {method.name} head: {error} The method runs with an "
+            "untrained head.",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _resize_to(logits: Tensor, size: Sequence[int]) -> Tensor:

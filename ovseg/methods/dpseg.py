@@ -45,7 +45,7 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    load_weights,
+    load_head_weights,
     register_method,
     upsample_logits,
 )
@@ -752,6 +752,8 @@ class DPSeg(SegmentationMethod):
     """
 
     name = "dpseg"
+    # The visual-prompt encoder is a frozen copy of the pretrained image tower.
+    pretrained_prefixes = ("backbone", "prompt_encoder")
 
     def __init__(
         self,
@@ -1295,6 +1297,5 @@ def build_dpseg(
     if device is not None:
         method = method.to(device)
     if weights_path is not None:
-        load_weights(method, weights_path)
-        method.trained_head = True
+        method.trained_head = load_head_weights(method, weights_path, shipped=weights is None)
     return method

@@ -59,7 +59,7 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    load_weights,
+    load_head_weights,
     register_method,
     upsample_logits,
 )
@@ -1057,6 +1057,5 @@ def build_esc_net(
     if device is not None:
         method = method.to(device)
     if weights_path is not None:
-        load_weights(method, weights_path)
-        method.trained_head = True
+        method.trained_head = load_head_weights(method, weights_path, shipped=weights is None)
     return method.eval()
