@@ -312,12 +312,12 @@ def test_loss_is_per_pixel_bce_and_gradients_reach_sam_and_clip_qv_only(toy_vit,
     assert encoder.mask_downscaling[0].weight.grad.abs().sum() > 0
     assert encoder.point_embeddings[1].weight.grad.abs().sum() > 0
     assert encoder.point_embeddings[2].weight.grad is None  # no boxes in the default
-    attention = toy_vit.model.visual.transformer.resblocks[0].attn
+    attention = method.backbone.model.visual.transformer.resblocks[0].attn
     width = attention.embed_dim
     grad = attention.in_proj_weight.grad
     assert grad[:width].abs().sum() > 0 and grad[2 * width :].abs().sum() > 0
     assert grad[width : 2 * width].abs().sum() == 0  # K rows stay frozen
-    assert toy_vit.model.visual.conv1.weight.grad is None
+    assert method.backbone.model.visual.conv1.weight.grad is None
     toy_vit.zero_grad(set_to_none=True)
 
 
