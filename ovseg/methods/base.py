@@ -236,6 +236,33 @@ def load_weights(method: SegmentationMethod, path: str | os.PathLike) -> None:
     method.load_state_dict(state, strict=False)
 
 
+def settings_for_weights(
+    config_class: type[MethodConfig],
+    saved: dict[str, Any],
+    config: dict[str, Any],
+    *,
+    shipped: bool,
+    name: str,
+) -> tuple[MethodConfig, bool]:
+    """The settings a builder uses: the weights' saved config overridden by the caller's.
+
+    Returns the settings and whether to load the weights. When the caller's settings cannot be
+    combined with the *shipped* head's (a ``ValueError`` from the config), the shipped head is
+    skipped with a warning and the caller's settings are used on their own; with weights the
+    caller named, the error propagates.
+    """
+    try:
+        return config_class(**saved).replace(**config), True
+    except ValueError as error:
+        if not shipped or not saved:
+            raise
+        warnings.warn(
+            f"Not using the shipped {name} head: the settings given do not fit it ({error}).",
+            stacklevel=3,
+        )
+        return config_class().replace(**config), False
+
+
 def load_head_weights(method: SegmentationMethod, path: Path, *, shipped: bool) -> bool:
     """Load head weights into a freshly built method and say whether it now has a trained head.
 

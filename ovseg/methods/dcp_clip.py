@@ -65,6 +65,7 @@ from ovseg.methods.base import (
     VocabularyLike,
     load_head_weights,
     register_method,
+    settings_for_weights,
     upsample_logits,
 )
 from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
@@ -1515,11 +1516,16 @@ def build_dcp_clip(
         weights_path = _weights_path(weights)
         if not weights_path.is_file():
             raise WeightsError(f"No DCP-CLIP weights file at {weights_path}.")
-    elif "toy-vit" in backbone_name:
+    elif "toy-vit" in backbone_name and config.get("pretrained") is None:
+        # The shipped head belongs to the trained toy CLIP, not to a random or other one.
         shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
         weights_path = shipped if shipped.is_file() else None
     saved = _saved_config(weights_path) if weights_path is not None else {}
-    settings = DcpClipConfig(**saved).replace(**config)
+    settings, keep = settings_for_weights(
+        DcpClipConfig, saved, config, shipped=weights is None, name="dcp-clip"
+    )
+    if not keep:
+        weights_path = None
     if shared:
         clip = backbone
         if weights_path is not None:

@@ -47,6 +47,7 @@ from ovseg.methods.base import (
     VocabularyLike,
     load_head_weights,
     register_method,
+    settings_for_weights,
     upsample_logits,
 )
 from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
@@ -1279,10 +1280,15 @@ def build_dpseg(
         backbone_name = backbone.name if shared else config.get("backbone", settings.backbone)
         shipped = shipped_weights_path()
         toy = backbone_name == "toy-convnext" or (shared and _is_toy_clip(backbone))
+        # The shipped head belongs to the trained toy CLIP, not to a random or other one.
+        toy = toy and config.get("pretrained") is None
         weights_path = shipped if toy and shipped.is_file() else None
-    if weights_path is not None:
-        settings = settings.replace(**_recorded_config(weights_path))
-    settings = settings.replace(**config)
+    saved = _recorded_config(weights_path) if weights_path is not None else {}
+    settings, keep = settings_for_weights(
+        DPSegConfig, saved, config, shipped=weights is None, name="dpseg"
+    )
+    if not keep:
+        weights_path = None
     if not shared:
         backbone = load_backbone(settings.backbone, settings.pretrained, device=device)
     elif weights_path is not None:
