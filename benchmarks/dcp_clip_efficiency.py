@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCALES = {
     # name: (backbone, pretrained, input size, method config)
     "toy": ("toy-vit", None, None, {}),
-    "vit-b-16": ("vit-b-16", "random", 384, {}),
+    "vit-b-16": ("ViT-B-16", None, 384, {}),  # an open_clip name without a tag: random weights
 }
 
 
