@@ -236,6 +236,41 @@ def load_weights(method: SegmentationMethod, path: str | os.PathLike) -> None:
     method.load_state_dict(state, strict=False)
 
 
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``.safetensors`` file (``save_weights`` stems work too)."""
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def saved_config(
+    weights: Path | None, method_name: str, config_class: type[MethodConfig]
+) -> dict[str, Any]:
+    """The config :func:`save_weights` wrote beside ``weights`` (empty if there is none, or no
+    weights), limited
+    to ``config_class``'s fields, with JSON lists back as tuples.
+
+    Raises:
+        WeightsError: an unreadable record, or one written for another method.
+    """
+    if weights is None:
+        return {}
+    record_path = weights.with_suffix(".json")
+    if not record_path.is_file():
+        return {}
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"{record_path} is not a readable config: {error}.") from error
+    if record.get("method") != method_name:
+        raise WeightsError(f"{weights} holds {record.get('method')!r} weights, not {method_name}.")
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in record.get("config", {}).items()
+        if key in known
+    }
+
+
 def settings_for_weights(
     config_class: type[MethodConfig],
     saved: dict[str, Any],

@@ -43,11 +43,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,8 +63,10 @@ from ovseg.methods.base import (
     VocabularyLike,
     load_head_weights,
     register_method,
+    saved_config,
     settings_for_weights,
     upsample_logits,
+    weights_file,
 )
 from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
 from ovseg.prompts.templates import resolve_templates
@@ -1457,30 +1457,6 @@ def _scatter(
 # ----------------------------------------------------------------------------------- builder
 
 
-def _weights_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
-def _saved_config(weights: Path) -> dict[str, Any]:
-    """The config saved next to ``weights`` by :func:`save_weights` (empty if there is none)."""
-    record_path = weights.with_suffix(".json")
-    if not record_path.is_file():
-        return {}
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as error:
-        raise WeightsError(f"{record_path} is not a readable config: {error}.") from error
-    if record.get("method") != DcpClip.name:
-        raise WeightsError(f"{weights} holds {record.get('method')!r} weights, not dcp-clip.")
-    known = {f.name for f in dataclasses.fields(DcpClipConfig)}
-    return {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in record.get("config", {}).items()
-        if key in known
-    }
-
-
 @register_method("dcp-clip")
 def build_dcp_clip(
     *,
@@ -1513,14 +1489,14 @@ def build_dcp_clip(
     backbone_name = backbone.name if shared else config.get("backbone", DcpClipConfig.backbone)
     weights_path = None
     if weights is not None:
-        weights_path = _weights_path(weights)
+        weights_path = weights_file(weights)
         if not weights_path.is_file():
             raise WeightsError(f"No DCP-CLIP weights file at {weights_path}.")
     elif "toy-vit" in backbone_name and config.get("pretrained") is None:
         # The shipped head belongs to the trained toy CLIP, not to a random or other one.
         shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
         weights_path = shipped if shipped.is_file() else None
-    saved = _saved_config(weights_path) if weights_path is not None else {}
+    saved = saved_config(weights_path, "dcp-clip", DcpClipConfig)
     settings, keep = settings_for_weights(
         DcpClipConfig, saved, config, shipped=weights is None, name="dcp-clip"
     )

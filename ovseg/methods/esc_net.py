@@ -30,9 +30,7 @@ embeddings tuned with the SAM layers at 2e-6 and the rest at 2e-4 (A16, A17).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +59,10 @@ from ovseg.methods.base import (
     VocabularyLike,
     load_head_weights,
     register_method,
+    saved_config,
     settings_for_weights,
     upsample_logits,
+    weights_file,
 )
 from ovseg.methods.blocks import cosine_cost_volume
 from ovseg.methods.dcp_clip import DoubleConv
@@ -958,30 +958,6 @@ def _stack_block_prompts(
 # ----------------------------------------------------------------------------------- builder
 
 
-def _weights_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
-def _saved_config(weights: Path) -> dict[str, Any]:
-    """The config saved next to ``weights`` by :func:`save_weights` (empty if there is none)."""
-    record_path = weights.with_suffix(".json")
-    if not record_path.is_file():
-        return {}
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as error:
-        raise WeightsError(f"{record_path} is not a readable config: {error}.") from error
-    if record.get("method") != EscNet.name:
-        raise WeightsError(f"{weights} holds {record.get('method')!r} weights, not esc-net.")
-    known = {f.name for f in dataclasses.fields(EscNetConfig)}
-    return {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in record.get("config", {}).items()
-        if key in known
-    }
-
-
 def load_sam_for(config: EscNetConfig, device: str | torch.device | None = None) -> SamBackbone:
     """The SAM an ESC-Net config names: its checkpoint (the shipped toy SAM by default), or a
     random one of the architecture with ``sam_pretrained=False``."""
@@ -1038,14 +1014,14 @@ def build_esc_net(
     backbone_name = backbone.name if shared else config.get("backbone", EscNetConfig.backbone)
     weights_path = None
     if weights is not None:
-        weights_path = _weights_path(weights)
+        weights_path = weights_file(weights)
         if not weights_path.is_file():
             raise WeightsError(f"No ESC-Net weights file at {weights_path}.")
     elif "toy-vit" in backbone_name and config.get("pretrained") is None:
         # The shipped head belongs to the trained toy CLIP, not to a random or other one.
         shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
         weights_path = shipped if shipped.is_file() else None
-    saved = _saved_config(weights_path) if weights_path is not None else {}
+    saved = saved_config(weights_path, "esc-net", EscNetConfig)
     settings, keep = settings_for_weights(
         EscNetConfig, saved, config, shipped=weights is None, name="esc-net"
     )

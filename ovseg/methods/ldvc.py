@@ -40,13 +40,10 @@ decoder's dropout acts on the attention probabilities of LCSA and on the output 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,8 +61,10 @@ from ovseg.methods.base import (
     VocabularyLike,
     load_head_weights,
     register_method,
+    saved_config,
     settings_for_weights,
     upsample_logits,
+    weights_file,
 )
 
 SHIPPED_WEIGHTS = "ldvc-toy.safetensors"
@@ -1082,30 +1081,6 @@ class Ldvc(SegmentationMethod):
 # ----------------------------------------------------------------------------------- builder
 
 
-def _weights_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
-def _saved_config(weights: Path) -> dict[str, Any]:
-    """The config saved next to ``weights`` by :func:`save_weights` (empty if there is none)."""
-    record_path = weights.with_suffix(".json")
-    if not record_path.is_file():
-        return {}
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as error:
-        raise WeightsError(f"{record_path} is not a readable config: {error}.") from error
-    if record.get("method") != Ldvc.name:
-        raise WeightsError(f"{weights} holds {record.get('method')!r} weights, not ldvc.")
-    known = {f.name for f in dataclasses.fields(LdvcConfig)}
-    return {
-        key: tuple(value) if isinstance(value, list) else value
-        for key, value in record.get("config", {}).items()
-        if key in known
-    }
-
-
 @register_method("ldvc")
 def build_ldvc(
     *,
@@ -1138,14 +1113,14 @@ def build_ldvc(
     backbone_name = backbone.name if shared else config.get("backbone", LdvcConfig.backbone)
     weights_path = None
     if weights is not None:
-        weights_path = _weights_path(weights)
+        weights_path = weights_file(weights)
         if not weights_path.is_file():
             raise WeightsError(f"No LDVC weights file at {weights_path}.")
     elif "toy-vit" in backbone_name and config.get("pretrained") is None:
         # The shipped head belongs to the trained toy CLIP, not to a random or other one.
         shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
         weights_path = shipped if shipped.is_file() else None
-    saved = _saved_config(weights_path) if weights_path is not None else {}
+    saved = saved_config(weights_path, "ldvc", LdvcConfig)
     settings, keep = settings_for_weights(
         LdvcConfig, saved, config, shipped=weights is None, name="ldvc"
     )
