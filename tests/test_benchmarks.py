@@ -34,3 +34,26 @@ def test_parameter_counts_cover_every_toy_method():
     out = run("benchmarks/parameters.py", "--scales", "toy")
     for method in ("dpseg", "dcp-clip", "esc-net", "ldvc"):
         assert f"| {method}, toy" in out
+
+
+def test_latency_prints_every_stage_for_each_method_and_size():
+    out = run(
+        "benchmarks/latency.py", "--methods", "dense-clip", "cat-seg-style", "--sizes", "1", "3",
+        "--images", "64", "--repeats", "1", "--threads", "1",
+    )  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| toy |")]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [
+        ("dense-clip", "1"), ("dense-clip", "3"), ("cat-seg-style", "1"), ("cat-seg-style", "3"),
+    ]  # fmt: skip
+    for row in rows:
+        backbone, encode, text, head, post, first = (float(cell) for cell in row[5:11])
+        assert backbone > 0 and encode > 0 and head >= 0 and first >= encode
+
+
+def test_latency_side_by_side_runs_all_five_methods_in_one_predictor():
+    out = run(
+        "benchmarks/latency.py", "--side-by-side", "--sizes", "2", "--images", "64",
+        "--repeats", "1", "--threads", "1",
+    )  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| 2 | 64 |")]
+    assert len(rows) == 1

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import ovseg.backbones.clip as clip_module
 from ovseg.backbones import PAPER_CLIPS, WeightsError, load_backbone, load_clip
+from ovseg.prompts.templates import resolve_templates
 
 
 def test_toy_vit_dense_features_have_the_documented_shapes(toy_vit):
@@ -214,3 +216,37 @@ def test_hub_weights_unreachable_offline_are_a_clear_error():
         load_clip("ViT-B-16", "openai")
     with pytest.raises(WeightsError, match="Without network access"):
         load_clip("hf-hub:laion/CLIP-convnext_base_w_320-laion_aesthetic-s13B-b82K")
+
+
+def test_a_new_vocabulary_encodes_only_the_classes_not_seen_before(toy_vit, monkeypatch):
+    toy_vit.clear_text_cache()
+    encoded: list[str] = []
+    original = toy_vit.encode_prompts
+
+    def counting(prompts):
+        encoded.extend(prompts)
+        return original(prompts)
+
+    monkeypatch.setattr(toy_vit, "encode_prompts", counting)
+    with torch.no_grad():
+        toy_vit.encode_text(["cat", ("car", "automobile")], "short")
+        encoded.clear()
+        mixed = toy_vit.encode_text([("car", "automobile"), "bird", "cat"], "short")
+    assert encoded == [template.format("bird") for template in resolve_templates("short")]
+    toy_vit.clear_text_cache()
+    with torch.no_grad():
+        fresh = toy_vit.encode_text([("car", "automobile"), "bird", "cat"], "short")
+    torch.testing.assert_close(mixed.per_template, fresh.per_template, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mixed.mean, fresh.mean, atol=1e-6, rtol=1e-5)
+
+
+def test_the_per_class_text_cache_stays_within_its_bound(toy_vit, monkeypatch):
+    toy_vit.clear_text_cache()
+    per_class = len(resolve_templates("short")) * 128
+    monkeypatch.setattr(clip_module, "CLASS_CACHE_FLOATS", 3 * per_class)
+    with torch.no_grad():
+        for names in (["cat", "dog"], ["bird", "fish"], ["cow", "pig"]):
+            toy_vit.encode_text(names, "short")
+    assert len(toy_vit._class_cache) == 3
+    assert toy_vit._class_cache_floats == 3 * per_class
+    toy_vit.clear_text_cache()

@@ -123,3 +123,23 @@ def test_duplicate_names_are_dropped_and_reported(dense_clip, rng):
     prediction = predictor.predict("cat, cat, dog")["dense-clip"]
     assert prediction.vocabulary.names == ("cat", "dog")
     assert prediction.vocabulary.dropped_duplicates == ("cat",)
+
+
+@pytest.mark.parametrize("name", ["dense-clip", "dpseg", "dcp-clip", "esc-net", "ldvc"])
+def test_cached_vocabularies_give_the_same_logits_as_fresh_encodings(name, rng):
+    """The text caches (whole vocabularies, single classes, DPSeg's visual prompts) are an
+    optimisation only: an edited vocabulary served partly from them equals a cold encoding."""
+    method = ovseg.load(name)
+    predictor = ovseg.Predictor(method)
+    predictor.set_image(_scene(rng, 96, 96))
+    predictor.predict("cat, dog, grass, sky")
+    edited = "dog, car, sky, cat"  # reordered, one class new
+    cached = predictor.predict(edited)[name].label_map
+    with torch.inference_mode():
+        warm = method.segment(predictor.features(name), ["dog", "car", "sky", "cat"]).logits
+    method.clear_caches()
+    assert not method.backbone._text_cache and not method.backbone._class_cache
+    with torch.inference_mode():
+        fresh = method.segment(predictor.features(name), ["dog", "car", "sky", "cat"]).logits
+    torch.testing.assert_close(warm, fresh, atol=1e-4, rtol=1e-4)
+    assert (predictor.predict(edited)[name].label_map == cached).mean() > 0.999

@@ -40,6 +40,9 @@ PAPER_CLIPS: dict[str, tuple[str, str]] = {
 
 TEXT_BATCH_SIZE = 256
 TEXT_CACHE_SIZE = 32
+# Per-class embeddings kept for reuse across vocabularies, bounded by their total size in floats
+# (2**25 floats: 128 MB in float32, about 800 ViT-B classes with the 80 ImageNet templates).
+CLASS_CACHE_FLOATS = 2**25
 
 DenseMode = Literal["standard", "maskclip"]
 
@@ -163,6 +166,8 @@ class ClipBackbone(nn.Module):
             else (int(model.visual.output_dim))
         )
         self._text_cache: OrderedDict[tuple, TextEmbeddings] = OrderedDict()
+        self._class_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._class_cache_floats = 0
         self._pos_embed_cache: dict[tuple, Tensor] = {}
 
     @staticmethod
@@ -367,6 +372,8 @@ class ClipBackbone(nn.Module):
 
         Results are cached by (model, weights, vocabulary, templates, device, dtype) when no
         gradient flows into the text tower; a changed vocabulary or updated weights miss the cache.
+        Each class's embeddings are also cached on their own, so a vocabulary that shares classes
+        with an earlier one only encodes its new classes.
         """
         classes = _as_synonyms(vocabulary)
         template_tuple = resolve_templates(templates)
@@ -374,39 +381,24 @@ class ClipBackbone(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in self._text_parameters()
         )
-        key = (
+        context = (
             self.name,
             self.pretrained,
             self._text_weights_version(),
-            classes,
             template_tuple,
             parameter.device,
             parameter.dtype,
         )
+        key = (*context, classes)
         if not needs_grad and key in self._text_cache:
             self._text_cache.move_to_end(key)
             return self._text_cache[key]
 
-        prompts, owners = [], []
-        for class_index, synonyms in enumerate(classes):
-            for synonym in synonyms:
-                for template in template_tuple:
-                    prompts.append(template.format(synonym))
-                    owners.append(class_index)
         with torch.set_grad_enabled(needs_grad):
-            embeddings = self.encode_prompts(prompts)
-            num_templates = len(template_tuple)
-            embeddings = embeddings.view(-1, num_templates, embeddings.shape[-1])
-            owner_index = torch.tensor(owners[::num_templates], device=embeddings.device)
-            summed = torch.zeros(
-                len(classes),
-                num_templates,
-                embeddings.shape[-1],
-                device=embeddings.device,
-                dtype=embeddings.dtype,
-            )
-            summed = summed.index_add(0, owner_index, embeddings)
-            per_template = F.normalize(summed, dim=-1)
+            if needs_grad:
+                per_template = self._encode_classes(classes, template_tuple)
+            else:
+                per_template = self._cached_classes(classes, template_tuple, context)
             mean = F.normalize(per_template.mean(dim=1), dim=-1)
         result = TextEmbeddings(per_template=per_template, mean=mean, templates=template_tuple)
         if not needs_grad:
@@ -415,8 +407,57 @@ class ClipBackbone(nn.Module):
                 self._text_cache.popitem(last=False)
         return result
 
+    def _encode_classes(
+        self, classes: tuple[tuple[str, ...], ...], templates: tuple[str, ...]
+    ) -> Tensor:
+        """``K×T×D``: each class's prompts encoded, synonyms summed per template, normalised."""
+        prompts, owners = [], []
+        for class_index, synonyms in enumerate(classes):
+            for synonym in synonyms:
+                for template in templates:
+                    prompts.append(template.format(synonym))
+                    owners.append(class_index)
+        embeddings = self.encode_prompts(prompts)
+        num_templates = len(templates)
+        embeddings = embeddings.view(-1, num_templates, embeddings.shape[-1])
+        owner_index = torch.tensor(owners[::num_templates], device=embeddings.device)
+        summed = torch.zeros(
+            len(classes),
+            num_templates,
+            embeddings.shape[-1],
+            device=embeddings.device,
+            dtype=embeddings.dtype,
+        )
+        summed = summed.index_add(0, owner_index, embeddings)
+        return F.normalize(summed, dim=-1)
+
+    def _cached_classes(
+        self, classes: tuple[tuple[str, ...], ...], templates: tuple[str, ...], context: tuple
+    ) -> Tensor:
+        """:meth:`_encode_classes` through the per-class cache: only unseen classes are encoded."""
+        missing = list(dict.fromkeys(c for c in classes if (*context, c) not in self._class_cache))
+        if missing:
+            fresh = self._encode_classes(tuple(missing), templates)
+            for synonyms, embedding in zip(missing, fresh, strict=True):
+                self._class_cache[(*context, synonyms)] = embedding
+                self._class_cache_floats += embedding.numel()
+        rows = []
+        for synonyms in classes:
+            self._class_cache.move_to_end((*context, synonyms))
+            rows.append(self._class_cache[(*context, synonyms)])
+        per_template = torch.stack(rows)
+        # Evict the least recently used classes, never one of this vocabulary's.
+        while self._class_cache_floats > CLASS_CACHE_FLOATS and len(self._class_cache) > len(
+            set(classes)
+        ):
+            _, evicted = self._class_cache.popitem(last=False)
+            self._class_cache_floats -= evicted.numel()
+        return per_template
+
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
+        self._class_cache.clear()
+        self._class_cache_floats = 0
 
     @property
     def logit_scale(self) -> Tensor:

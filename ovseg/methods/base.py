@@ -86,6 +86,11 @@ class SegmentationMethod(nn.Module):
     # with the method's weights (see :func:`save_weights`).
     pretrained_prefixes: ClassVar[tuple[str, ...]] = ("backbone",)
 
+    def clear_caches(self) -> None:
+        """Forget the vocabulary encodings cached in memory (text embeddings, and for DPSeg its
+        visual prompts), so that the next call encodes its vocabulary from scratch."""
+        self.backbone.clear_text_cache()
+
     def encode_image(self, images: Tensor) -> Any:
         """Encode ``B×3×H×W`` images in [0, 1]; the result is what :meth:`segment` consumes."""
         raise NotImplementedError

@@ -1049,6 +1049,10 @@ class DcpClip(SegmentationMethod):
     def _uses_head(self) -> bool:
         return self.trained_head or self.training
 
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._selection_text_cache.clear()
+
     def encode_image(self, images: Tensor) -> DenseFeatures:
         """``B×3×H×W`` images in [0, 1] → CLIP features.
 

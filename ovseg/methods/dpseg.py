@@ -860,6 +860,10 @@ class DPSeg(SegmentationMethod):
         return self
 
     # ----------------------------------------------------------------------------- encoders
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._prompt_memo.clear()
+
     def encode_image(self, images: Tensor) -> DPSegFeatures:
         """``B×3×H×W`` images in [0, 1] (H, W multiples of 32) → E and detached E_2..E_4."""
         features = self.backbone.encode_image(self.backbone.normalize(images), layers=(0, 1, 2))

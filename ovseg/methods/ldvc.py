@@ -920,6 +920,10 @@ class Ldvc(SegmentationMethod):
     def _uses_head(self) -> bool:
         return self.trained_head or self.training
 
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._text_cache.clear()
+
     def encode_image(self, images: Tensor) -> DenseFeatures:
         """``B×3×H×W`` images in [0, 1] → prompted CLIP features: V_l ``B×D×h×w`` and V_g
         ``B×D`` (L2-normalised) and the intermediate tokens V_j ``B×width×h×w`` of

@@ -1,0 +1,315 @@
+"""Per-method latency and peak memory against vocabulary size and input size, split into stages.
+
+Usage::
+
+    python benchmarks/latency.py                                   # toy scale, the issue's grid
+    python benchmarks/latency.py --scales toy --sizes 30 --images 256       # the targets' setting
+    python benchmarks/latency.py --scales real --sizes 1 20 150 847 --repeats 1
+    python benchmarks/latency.py --side-by-side                    # all five methods in one call
+
+Every (scale, method, K, image size) runs in a fresh subprocess, so its peak resident memory is
+its own and no cache carries over. Inside it, through :class:`ovseg.Predictor` as a user calls it:
+
+- **backbone**: the CLIP image tower alone on the method's input (``ClipBackbone.encode_image``);
+  the floor no head can beat.
+- **encode**: the method's ``encode_image`` (resize + backbone + whatever the method adds).
+- **text**: encoding the whole vocabulary after :meth:`clear_caches` (text embeddings; DPSeg
+  also its visual prompts, read back from the prompt bank on disk): the segment time with empty
+  caches minus the head's.
+- **head**: ``segment`` with the vocabulary cached (median of ``--repeats``).
+- **post**: label map, scores and areas at the given image's size.
+- **first**: wall time of the first predict on a new image with a new vocabulary (for DPSeg this
+  includes drawing and encoding the vocabulary's visual prompts into a fresh prompt bank).
+- **change**: wall time of a predict on the cached image after one class name was changed (what a
+  user does in the demo; the other classes' text embeddings are reused).
+- **peak MB**: the process's peak resident memory minus what it held after building the method.
+
+A warm-up predict with a different vocabulary runs first, so one-off costs (kernel selection,
+lazy imports, position-embedding interpolation) are not charged to any stage. Real scale uses
+open_clip names without a pretrained tag (random weights; the speed of random weights equals that
+of trained ones) and a random SAM ViT-B for ESC-Net; heads are measured as if trained. DPSeg's
+visual prompts come from ToyWorld's sprite renderer, with Gaussian noise for the names ToyWorld
+does not know (Stable Diffusion's own cost is a one-off per class, paid when building the prompt
+bank, and not measured here). "cat-seg-style" is the CAT-Seg-like aggregator built from ovseg's
+blocks: ESC-Net without its SAM blocks (cost volume → Swin spatial + linear class aggregation ×4
+→ upsampling decoder), at the same scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("dense-clip", "dpseg", "dcp-clip", "esc-net", "ldvc", "cat-seg-style")
+# scale → method → ovseg.load settings
+SCALES: dict[str, dict[str, dict]] = {
+    "toy": {
+        "dense-clip": {},
+        "dpseg": {},
+        "dcp-clip": {},
+        "esc-net": {},
+        "ldvc": {},
+        "cat-seg-style": {"use_sam": False},
+    },
+    "real": {
+        "dense-clip": {"backbone": "ViT-B-16", "input_size": 384},
+        "dpseg": {"backbone": "convnext_base_w_320", "input_size": 768, "prompts_per_class": 1},
+        "dcp-clip": {"backbone": "ViT-B-16", "input_size": 384},
+        "esc-net": {
+            "backbone": "ViT-B-16", "input_size": 384, "sam": "vit_b", "sam_pretrained": False,
+        },
+        "ldvc": {"backbone": "ViT-B-16", "input_size": 512},
+        "cat-seg-style": {"backbone": "ViT-B-16", "input_size": 384, "use_sam": False},
+    },
+}  # fmt: skip
+TARGETS = """Targets (issue 10; toy models, 256×256 image, K = 30): each method ≤ 300 ms per image;
+the side-by-side of all five ≤ 1.5 s; a vocabulary change on a cached image ≤ half the first call;
+head overhead over the backbone ≤ 2× at K = 150; DCP-CLIP at K = 847 ≤ 2× its time at K = 20; peak
+memory at K = 847 and real ViT-B/16 scale under 8 GB."""
+
+
+def vocabulary_of(size: int, rotation: int = 0) -> list[str]:
+    """``size`` distinct class names: the scene's classes first, then ToyWorld's, then ADE-847's;
+    ``rotation`` turns the list so that each rotation is a vocabulary no cache has seen."""
+    from ovseg.data.toyworld import ToyWorld
+    from ovseg.vocabulary import load_vocabulary
+
+    world = ToyWorld(image_size=256)
+    scene = world.scene(0)
+    present = [world.classes[int(i)].name for i in sorted(set(scene.labels.flat))]
+    names = present + [c.name for c in world.classes] + list(load_vocabulary("ade-847").names)
+    unique = list(dict.fromkeys(names))
+    if size > len(unique):
+        raise ValueError(f"Only {len(unique)} distinct names are available; asked for {size}.")
+    chosen = unique[:size]
+    shift = rotation % size
+    return chosen[shift:] + chosen[:shift]
+
+
+def build(scale: str, method_name: str, prompt_dir: str):
+    import ovseg
+    from ovseg.prompts.visual import ToyWorldSpriteGenerator
+
+    settings = dict(SCALES[scale][method_name])
+    registered = "esc-net" if method_name == "cat-seg-style" else method_name
+    if registered == "dpseg":
+        resolution = 128 if scale == "toy" else 224
+        settings |= {
+            "prompt_generator": ToyWorldSpriteGenerator(resolution=resolution, unknown="noise"),
+            "prompt_cache_dir": prompt_dir,
+        }
+        if scale == "real":
+            settings["prompt_resolution"] = resolution
+    method = ovseg.load(registered, **settings).eval()
+    method.trained_head = True  # measure the head, trained or not
+    return method
+
+
+def scene_image(size: int) -> np.ndarray:
+    from ovseg.data.toyworld import ToyWorld
+
+    return ToyWorld(image_size=size).scene(0).image
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def measure(
+    scale: str, method_name: str, size: int, image_size: int, repeats: int, threads: int
+) -> dict:
+    """In a subprocess: build one method and time each stage (see the module docstring)."""
+    import ovseg
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as prompt_dir:
+        method = build(scale, method_name, prompt_dir)
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        predictor = ovseg.Predictor({method_name: method})
+        image = scene_image(image_size)
+        side = method.config.input_size
+        pixels = torch.from_numpy(scene_image(side)).permute(2, 0, 1)[None].float() / 255
+        with torch.inference_mode():
+            predictor.set_image(image)
+            predictor.predict(vocabulary_of(min(size, 2), rotation=1) + ["warm-up thing"])
+            backbone = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                method.backbone.encode_image(method.backbone.normalize(pixels))
+                backbone.append(time.perf_counter() - start)
+
+        vocabulary = vocabulary_of(size)
+        edited = [*vocabulary[:-1], "a class typed just now"]  # one name changed
+        predictor.set_image(image)
+        method.clear_caches()
+        start = time.perf_counter()
+        first = predictor.predict(vocabulary)[method_name]
+        first_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        predictor.predict(edited)
+        change_seconds = time.perf_counter() - start
+        heads, posts = [], []
+        for _ in range(repeats):
+            warm = predictor.predict(edited)[method_name]
+            heads.append(warm.timings["segment"])
+            posts.append(warm.timings["postprocess"])
+        colds = []
+        for _ in range(repeats):
+            method.clear_caches()
+            colds.append(predictor.predict(edited)[method_name].timings["segment"])
+        encodes = []
+        for _ in range(repeats):
+            predictor.set_image(image)
+            start = time.perf_counter()
+            predictor.features(method_name)
+            encodes.append(time.perf_counter() - start)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    head = _median(heads)
+    return {
+        "scale": scale,
+        "method": method_name,
+        "K": size,
+        "image": image_size,
+        "input": side,
+        "backbone": _median(backbone),
+        "encode": _median(encodes),
+        "text": max(0.0, _median(colds) - head),
+        "text_first": max(0.0, first.timings["segment"] - head),
+        "head": head,
+        "post": _median(posts),
+        "first": first_seconds,
+        "change": change_seconds,
+        "peak_mb": peak / 1024,
+        "forward_mb": (peak - baseline) / 1024,
+    }
+
+
+def measure_side_by_side(size: int, image_size: int, repeats: int, threads: int) -> dict:
+    """In a subprocess: the demo's side-by-side, every toy method in one Predictor."""
+    import ovseg
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as prompt_dir:
+        methods = {name: build("toy", name, prompt_dir) for name in METHODS[:5]}
+        predictor = ovseg.Predictor(methods)
+        image = scene_image(image_size)
+        with torch.inference_mode():
+            predictor.set_image(scene_image(image_size + 32))
+            predictor.predict(vocabulary_of(min(size, 2), rotation=1) + ["warm-up thing"])
+        firsts, changes, warms = [], [], []
+        vocabulary = vocabulary_of(size)
+        for run in range(repeats):
+            edited = [*vocabulary[:-1], f"a class typed just now {run}"]
+            predictor.set_image(image)
+            for method in methods.values():
+                method.clear_caches()
+            start = time.perf_counter()
+            predictor.predict(vocabulary)
+            firsts.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            predictor.predict(edited)
+            changes.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            predictor.predict(edited)
+            warms.append(time.perf_counter() - start)
+    return {
+        "K": size,
+        "image": image_size,
+        "first": _median(firsts),
+        "change": _median(changes),
+        "warm": _median(warms),
+    }
+
+
+def run_isolated(arguments: list[str]) -> dict:
+    command = [sys.executable, __file__, *arguments]
+    environment = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, cwd=REPO, env=environment
+    )
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(arguments)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def milliseconds(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scales", nargs="+", default=["toy"], choices=list(SCALES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 20, 30, 150, 847])
+    parser.add_argument("--images", type=int, nargs="+", default=[256], help="image sides")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per stage (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--side-by-side", action="store_true", help="time all five toy methods in one predict"
+    )
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--side-worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        scale, name, size, image = args.worker
+        row = measure(scale, name, int(size), int(image), args.repeats, args.threads)
+        print(json.dumps(row))
+        return
+    if args.side_worker:
+        size, image = args.side_worker
+        print(json.dumps(measure_side_by_side(int(size), int(image), args.repeats, args.threads)))
+        return
+
+    common = ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+    print(f"{torch.get_num_threads()} CPU threads available; using {args.threads}. Times in ms.\n")
+    if args.side_by_side:
+        print("| K | image | first call | vocabulary change | same vocabulary again |")
+        print("|---:|---:|---:|---:|---:|")
+        for size in args.sizes:
+            for image in args.images:
+                row = run_isolated(["--side-worker", str(size), str(image), *common])
+                print(
+                    f"| {size} | {image} | {milliseconds(row['first'])} "
+                    f"| {milliseconds(row['change'])} | {milliseconds(row['warm'])} |",
+                    flush=True,
+                )
+        return
+
+    print(
+        "| scale | method | K | image | input | backbone | encode | text | head | post "
+        "| first call | vocab change | head / backbone | peak MB (forward) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for scale in args.scales:
+        for name in args.methods:
+            for size in args.sizes:
+                for image in args.images:
+                    row = run_isolated(["--worker", scale, name, str(size), str(image), *common])
+                    print(
+                        f"| {scale} | {name} | {size} | {image} | {row['input']} "
+                        f"| {milliseconds(row['backbone'])} | {milliseconds(row['encode'])} "
+                        f"| {milliseconds(row['text'])} | {milliseconds(row['head'])} "
+                        f"| {milliseconds(row['post'])} | {milliseconds(row['first'])} "
+                        f"| {milliseconds(row['change'])} "
+                        f"| {row['head'] / row['backbone']:.1f} "
+                        f"| {row['peak_mb']:.0f} ({row['forward_mb']:.0f}) |",
+                        flush=True,
+                    )
+    print()
+    print(TARGETS)
+
+
+if __name__ == "__main__":
+    main()
