@@ -143,7 +143,7 @@ def measure(
         pixels = torch.from_numpy(scene_image(side)).permute(2, 0, 1)[None].float() / 255
         with torch.inference_mode():
             predictor.set_image(image)
-            predictor.predict(vocabulary_of(min(size, 2), rotation=1) + ["warm-up thing"])
+            predictor.predict([*vocabulary_of(min(size, 2), rotation=1), "warm-up thing"])
             backbone = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -207,7 +207,7 @@ def measure_side_by_side(size: int, image_size: int, repeats: int, threads: int)
         image = scene_image(image_size)
         with torch.inference_mode():
             predictor.set_image(scene_image(image_size + 32))
-            predictor.predict(vocabulary_of(min(size, 2), rotation=1) + ["warm-up thing"])
+            predictor.predict([*vocabulary_of(min(size, 2), rotation=1), "warm-up thing"])
         firsts, changes, warms = [], [], []
         vocabulary = vocabulary_of(size)
         for run in range(repeats):

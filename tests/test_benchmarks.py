@@ -46,7 +46,7 @@ def test_latency_prints_every_stage_for_each_method_and_size():
         ("dense-clip", "1"), ("dense-clip", "3"), ("cat-seg-style", "1"), ("cat-seg-style", "3"),
     ]  # fmt: skip
     for row in rows:
-        backbone, encode, text, head, post, first = (float(cell) for cell in row[5:11])
+        backbone, encode, _text, head, _post, first = (float(cell) for cell in row[5:11])
         assert backbone > 0 and encode > 0 and head >= 0 and first >= encode
 
 
