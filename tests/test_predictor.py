@@ -143,3 +143,19 @@ def test_cached_vocabularies_give_the_same_logits_as_fresh_encodings(name, rng):
         fresh = method.segment(predictor.features(name), ["dog", "car", "sky", "cat"]).logits
     torch.testing.assert_close(warm, fresh, atol=1e-4, rtol=1e-4)
     assert (predictor.predict(edited)[name].label_map == cached).mean() > 0.999
+
+
+def test_ldvc_encodes_only_the_names_a_vocabulary_edit_added(monkeypatch):
+    method = ovseg.load("ldvc")
+    seen: list[str] = []
+    original = method.text_encoder.forward
+    monkeypatch.setattr(
+        method.text_encoder,
+        "forward",
+        lambda names, clip: seen.extend(names) or original(names, clip),
+    )
+    with torch.inference_mode():
+        method.encode_classes(["cat", ("car", "automobile")])
+        seen.clear()
+        method.encode_classes([("car", "automobile"), "bird", "cat"])
+    assert seen == ["bird"]

@@ -71,6 +71,7 @@ SHIPPED_WEIGHTS = "ldvc-toy.safetensors"
 SEGMENT_OPTIONS = ("top_m", "seen_classes", "seen_prob_offset")
 TEXT_BATCH_SIZE = 256
 TEXT_CACHE_SIZE = 16
+NAME_CACHE_SIZE = 8192  # prompted embeddings of single names, reused across vocabularies
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -846,6 +847,7 @@ class Ldvc(SegmentationMethod):
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._text_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._name_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
     def _init_head(self) -> None:
         """Trunc-normal(0.02) Linear and Conv weights with zero biases (ZegCLIP); the prompts
@@ -923,6 +925,7 @@ class Ldvc(SegmentationMethod):
     def clear_caches(self) -> None:
         super().clear_caches()
         self._text_cache.clear()
+        self._name_cache.clear()
 
     def encode_image(self, images: Tensor) -> DenseFeatures:
         """``B×3×H×W`` images in [0, 1] → prompted CLIP features: V_l ``B×D×h×w`` and V_g
@@ -950,7 +953,10 @@ class Ldvc(SegmentationMethod):
             device=prompts.device,
         )
         with torch.set_grad_enabled(needs_grad):
-            embeddings = self.text_encoder(names, self.backbone)
+            if needs_grad:
+                embeddings = self.text_encoder(names, self.backbone)
+            else:
+                embeddings = self._cached_names(names, key[1:])
             summed = embeddings.new_zeros(len(classes), embeddings.shape[-1])
             text = F.normalize(summed.index_add(0, owners, embeddings), dim=-1)
         if not needs_grad:
@@ -958,6 +964,23 @@ class Ldvc(SegmentationMethod):
             while len(self._text_cache) > TEXT_CACHE_SIZE:
                 self._text_cache.popitem(last=False)
         return text
+
+    def _cached_names(self, names: list[str], version: tuple) -> Tensor:
+        """The text encoder's ``N×D`` output for ``names``, encoding only names not cached yet
+        (each name is encoded on its own, so a vocabulary edit costs only its new names)."""
+        missing = list(dict.fromkeys(n for n in names if (n, *version) not in self._name_cache))
+        if missing:
+            for name, embedding in zip(
+                missing, self.text_encoder(missing, self.backbone), strict=True
+            ):
+                self._name_cache[(name, *version)] = embedding
+        rows = []
+        for name in names:
+            self._name_cache.move_to_end((name, *version))
+            rows.append(self._name_cache[(name, *version)])
+        while len(self._name_cache) > max(NAME_CACHE_SIZE, len(set(names))):
+            self._name_cache.popitem(last=False)
+        return torch.stack(rows)
 
     # ------------------------------------------------------------------------------ segment
     def segment(
