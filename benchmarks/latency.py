@@ -13,9 +13,11 @@ its own and no cache carries over. Inside it, through :class:`ovseg.Predictor` a
 - **backbone**: the CLIP image tower alone on the method's input (``ClipBackbone.encode_image``);
   the floor no head can beat.
 - **encode**: the method's ``encode_image`` (resize + backbone + whatever the method adds).
-- **text**: encoding the whole vocabulary after :meth:`clear_caches` (text embeddings; DPSeg
-  also its visual prompts, read back from the prompt bank on disk): the segment time with empty
-  caches minus the head's.
+- **text**: encoding a vocabulary no cache holds (text embeddings; DPSeg also draws and encodes
+  its visual prompts into a fresh prompt bank): the first call's segment time minus the head's.
+  With ``--random-text`` (the default at real scale, where 847 classes × 80 templates take minutes)
+  the CLIP text tower is replaced by random unit vectors and this column is empty; ``--text``
+  prints the text towers' throughput instead, from which any vocabulary's cost follows.
 - **head**: ``segment`` with the vocabulary cached (median of ``--repeats``).
 - **post**: label map, scores and areas at the given image's size.
 - **first**: wall time of the first predict on a new image with a new vocabulary (for DPSeg this
@@ -50,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dense-clip", "dpseg", "dcp-clip", "esc-net", "ldvc", "cat-seg-style")
@@ -127,8 +130,24 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def use_random_text(backbone) -> None:
+    """Replace a CLIP's text tower by random unit vectors (for timing heads at real scale without
+    minutes of text encoding; the head's cost does not depend on the values)."""
+
+    def random_prompts(prompts):
+        return F.normalize(torch.randn(len(prompts), backbone.embed_dim), dim=-1)
+
+    backbone.encode_prompts = random_prompts
+
+
 def measure(
-    scale: str, method_name: str, size: int, image_size: int, repeats: int, threads: int
+    scale: str,
+    method_name: str,
+    size: int,
+    image_size: int,
+    repeats: int,
+    threads: int,
+    random_text: bool = False,
 ) -> dict:
     """In a subprocess: build one method and time each stage (see the module docstring)."""
     import ovseg
@@ -136,6 +155,8 @@ def measure(
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as prompt_dir:
         method = build(scale, method_name, prompt_dir)
+        if random_text:
+            use_random_text(method.backbone)
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         predictor = ovseg.Predictor({method_name: method})
         image = scene_image(image_size)
@@ -165,10 +186,6 @@ def measure(
             warm = predictor.predict(edited)[method_name]
             heads.append(warm.timings["segment"])
             posts.append(warm.timings["postprocess"])
-        colds = []
-        for _ in range(repeats):
-            method.clear_caches()
-            colds.append(predictor.predict(edited)[method_name].timings["segment"])
         encodes = []
         for _ in range(repeats):
             predictor.set_image(image)
@@ -185,8 +202,7 @@ def measure(
         "input": side,
         "backbone": _median(backbone),
         "encode": _median(encodes),
-        "text": max(0.0, _median(colds) - head),
-        "text_first": max(0.0, first.timings["segment"] - head),
+        "text": None if random_text else max(0.0, first.timings["segment"] - head),
         "head": head,
         "post": _median(posts),
         "first": first_seconds,
@@ -233,6 +249,32 @@ def measure_side_by_side(size: int, image_size: int, repeats: int, threads: int)
     }
 
 
+TEXT_TOWERS = {
+    "toy-vit": "toy-vit",
+    "toy-convnext": "toy-convnext",
+    "ViT-B-16": "ViT-B-16",
+    "convnext_base_w_320": "convnext_base_w_320",
+}
+
+
+def measure_text(tower: str, prompts: int, threads: int) -> dict:
+    """In a subprocess: prompts per second through one CLIP text tower (80-template prompts)."""
+    from ovseg.backbones import load_backbone
+    from ovseg.prompts.templates import resolve_templates
+
+    torch.set_num_threads(threads)
+    backbone = load_backbone(tower, "random" if tower.startswith("toy") else None)
+    templates = resolve_templates("imagenet")
+    names = vocabulary_of(max(1, prompts // len(templates) + 1))
+    texts = [t.format(n) for n in names for t in templates][:prompts]
+    with torch.inference_mode():
+        backbone.encode_prompts(texts[:64])
+        start = time.perf_counter()
+        backbone.encode_prompts(texts)
+        seconds = time.perf_counter() - start
+    return {"tower": tower, "prompts": len(texts), "per_second": len(texts) / seconds}
+
+
 def run_isolated(arguments: list[str]) -> dict:
     command = [sys.executable, __file__, *arguments]
     environment = dict(os.environ, PYTHONPATH=str(REPO))
@@ -259,13 +301,31 @@ def main() -> None:
     parser.add_argument(
         "--side-by-side", action="store_true", help="time all five toy methods in one predict"
     )
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--random-text",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="random text embeddings (auto: at real scale only)",
+    )
+    parser.add_argument(
+        "--text", action="store_true", help="print the CLIP text towers' prompts per second"
+    )
+    parser.add_argument("--prompts", type=int, default=2000, help="prompts timed by --text")
+    parser.add_argument("--towers", nargs="+", default=list(TEXT_TOWERS), choices=TEXT_TOWERS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--text-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--side-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        scale, name, size, image = args.worker
-        row = measure(scale, name, int(size), int(image), args.repeats, args.threads)
+        scale, name, size, image, random_text = args.worker
+        row = measure(
+            scale, name, int(size), int(image), args.repeats, args.threads, random_text == "yes"
+        )
         print(json.dumps(row))
+        return
+    if args.text_worker:
+        tower, prompts = args.text_worker
+        print(json.dumps(measure_text(tower, int(prompts), args.threads)))
         return
     if args.side_worker:
         size, image = args.side_worker
@@ -274,6 +334,18 @@ def main() -> None:
 
     common = ["--repeats", str(args.repeats), "--threads", str(args.threads)]
     print(f"{torch.get_num_threads()} CPU threads available; using {args.threads}. Times in ms.\n")
+    if args.text:
+        print("| text tower | prompts | prompts/s | 30 classes × 80 templates | 847 × 80 |")
+        print("|---|---:|---:|---:|---:|")
+        for tower in args.towers:
+            row = run_isolated(["--text-worker", tower, str(args.prompts), *common])
+            rate = row["per_second"]
+            print(
+                f"| {tower} | {row['prompts']} | {rate:.0f} | {2400 / rate:.1f} s "
+                f"| {847 * 80 / rate:.0f} s |",
+                flush=True,
+            )
+        return
     if args.side_by_side:
         print("| K | image | first call | vocabulary change | same vocabulary again |")
         print("|---:|---:|---:|---:|---:|")
@@ -296,11 +368,20 @@ def main() -> None:
         for name in args.methods:
             for size in args.sizes:
                 for image in args.images:
-                    row = run_isolated(["--worker", scale, name, str(size), str(image), *common])
+                    random_text = args.random_text == "yes" or (
+                        args.random_text == "auto" and scale == "real"
+                    )
+                    row = run_isolated(
+                        [
+                            "--worker", scale, name, str(size), str(image),
+                            "yes" if random_text else "no", *common,
+                        ]
+                    )  # fmt: skip
+                    text = "–" if row["text"] is None else milliseconds(row["text"])
                     print(
                         f"| {scale} | {name} | {size} | {image} | {row['input']} "
                         f"| {milliseconds(row['backbone'])} | {milliseconds(row['encode'])} "
-                        f"| {milliseconds(row['text'])} | {milliseconds(row['head'])} "
+                        f"| {text} | {milliseconds(row['head'])} "
                         f"| {milliseconds(row['post'])} | {milliseconds(row['first'])} "
                         f"| {milliseconds(row['change'])} "
                         f"| {row['head'] / row['backbone']:.1f} "

@@ -57,3 +57,21 @@ def test_latency_side_by_side_runs_all_five_methods_in_one_predictor():
     )  # fmt: skip
     rows = [line for line in out.splitlines() if line.startswith("| 2 | 64 |")]
     assert len(rows) == 1
+
+
+def test_latency_text_throughput_prints_prompts_per_second():
+    out = run(
+        "benchmarks/latency.py", "--text", "--towers", "toy-vit", "--prompts", "100",
+        "--threads", "1",
+    )  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| toy-vit |"))
+    assert float(row.split("|")[3]) > 0
+
+
+def test_latency_random_text_leaves_the_text_column_empty():
+    out = run(
+        "benchmarks/latency.py", "--methods", "dense-clip", "--sizes", "2", "--images", "64",
+        "--repeats", "1", "--threads", "1", "--random-text", "yes",
+    )  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| toy | dense-clip |"))
+    assert row.split("|")[8].strip() == "–"
