@@ -235,8 +235,7 @@ def _postprocess(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``K×h×w`` logits → label map at ``size``, mean class probabilities and class areas."""
     num_classes = logits.shape[0]
-    probabilities = logits.float().softmax(dim=0)
-    scores = probabilities.mean(dim=(1, 2))
+    scores = _mean_probabilities(logits)
     # Upsampling K score maps to a large image costs K×H×W floats; the argmax is taken on the
     # upsampled scores in row bands to keep that bounded for big vocabularies and photos.
     labels = torch.empty(size, dtype=torch.int64)
@@ -247,6 +246,18 @@ def _postprocess(
         labels[top:bottom] = _band_argmax(full, size, top, bottom)
     areas = torch.bincount(labels.flatten(), minlength=num_classes).double() / labels.numel()
     return labels.numpy(), scores.cpu().numpy(), areas.numpy()
+
+
+def _mean_probabilities(logits: torch.Tensor, floats: int = 2**22) -> torch.Tensor:
+    """``softmax(logits, dim=0).mean(dim=(1, 2))`` of ``K×h×w`` logits, computed over chunks of
+    classes (at most ``floats`` values at a time) instead of a full ``K×h×w`` copy."""
+    num_classes = logits.shape[0]
+    chunk = max(1, floats // max(1, logits[0].numel()))
+    chunks = [slice(start, start + chunk) for start in range(0, num_classes, chunk)]
+    maximum = torch.stack([logits[c].float().amax(dim=0) for c in chunks]).amax(dim=0)
+    total = sum((logits[c].float() - maximum).exp().sum(dim=0) for c in chunks)
+    log_normaliser = maximum + total.log()
+    return torch.cat([(logits[c].float() - log_normaliser).exp().mean(dim=(1, 2)) for c in chunks])
 
 
 def _band_argmax(

@@ -159,3 +159,16 @@ def test_ldvc_encodes_only_the_names_a_vocabulary_edit_added(monkeypatch):
         seen.clear()
         method.encode_classes([("car", "automobile"), "bird", "cat"])
     assert seen == ["bird"]
+
+
+def test_chunked_mean_probabilities_equal_the_full_softmax():
+    from ovseg.predictor import _mean_probabilities
+
+    logits = torch.randn(50, 17, 23) * 20
+    reference = logits.softmax(dim=0).mean(dim=(1, 2))
+    for floats in (1, 17 * 23 * 7, 2**22):  # one class per chunk, 7 per chunk, all at once
+        torch.testing.assert_close(_mean_probabilities(logits, floats), reference)
+    half = logits.half()
+    torch.testing.assert_close(
+        _mean_probabilities(half, 17 * 23 * 3), half.float().softmax(dim=0).mean(dim=(1, 2))
+    )
