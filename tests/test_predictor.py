@@ -172,3 +172,20 @@ def test_chunked_mean_probabilities_equal_the_full_softmax():
     torch.testing.assert_close(
         _mean_probabilities(half, 17 * 23 * 3), half.float().softmax(dim=0).mean(dim=(1, 2))
     )
+
+
+def test_leaving_out_dominated_classes_keeps_every_label():
+    from ovseg.predictor import _band_argmax, _possible_winners, _postprocess
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 12, 10, generator=generator)
+    logits[:3] += 6  # three strong classes dominate most of the others everywhere
+    logits[50] = -1e4  # and one is "not selected", as DCP-CLIP scatters it
+    logits[7, 4, 4] = 30  # a weak class that wins one pixel stays a candidate
+    candidates = _possible_winners(logits)
+    assert 7 in candidates and 50 not in candidates and len(candidates) < 200
+    size = (37, 53)
+    labels, _, areas = _postprocess(logits, size)
+    reference = _band_argmax(logits[None], size, 0, size[0]).numpy()
+    assert (labels == reference).all()
+    assert areas.sum() == pytest.approx(1.0)
