@@ -148,8 +148,13 @@ def measure(
     repeats: int,
     threads: int,
     random_text: bool = False,
+    single: bool = False,
 ) -> dict:
-    """In a subprocess: build one method and time each stage (see the module docstring)."""
+    """In a subprocess: build one method and time each stage (see the module docstring).
+
+    ``single``: one predict after the warm-up, its own stage timings (head includes the text
+    when ``random_text`` is off) and the peak memory; for settings too slow to repeat.
+    """
     import ovseg
 
     torch.set_num_threads(threads)
@@ -178,6 +183,24 @@ def measure(
         start = time.perf_counter()
         first = predictor.predict(vocabulary)[method_name]
         first_seconds = time.perf_counter() - start
+        if single:
+            return {
+                "scale": scale,
+                "method": method_name,
+                "K": size,
+                "image": image_size,
+                "input": side,
+                "backbone": _median(backbone),
+                "encode": first.timings["encode_image"],
+                "text": None,
+                "head": first.timings["segment"],
+                "post": first.timings["postprocess"],
+                "first": first_seconds,
+                "change": None,
+                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "forward_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline)
+                / 1024,
+            }
         start = time.perf_counter()
         predictor.predict(edited)
         change_seconds = time.perf_counter() - start
@@ -312,14 +335,26 @@ def main() -> None:
     )
     parser.add_argument("--prompts", type=int, default=2000, help="prompts timed by --text")
     parser.add_argument("--towers", nargs="+", default=list(TEXT_TOWERS), choices=TEXT_TOWERS)
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--single",
+        action="store_true",
+        help="one call per setting (no vocabulary change or repeats): for slow real-scale rows",
+    )
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--text-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--side-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        scale, name, size, image, random_text = args.worker
+        scale, name, size, image, random_text, single = args.worker
         row = measure(
-            scale, name, int(size), int(image), args.repeats, args.threads, random_text == "yes"
+            scale,
+            name,
+            int(size),
+            int(image),
+            args.repeats,
+            args.threads,
+            random_text == "yes",
+            single == "yes",
         )
         print(json.dumps(row))
         return
@@ -374,7 +409,8 @@ def main() -> None:
                     row = run_isolated(
                         [
                             "--worker", scale, name, str(size), str(image),
-                            "yes" if random_text else "no", *common,
+                            "yes" if random_text else "no", "yes" if args.single else "no",
+                            *common,
                         ]
                     )  # fmt: skip
                     text = "–" if row["text"] is None else milliseconds(row["text"])
@@ -383,7 +419,7 @@ def main() -> None:
                         f"| {milliseconds(row['backbone'])} | {milliseconds(row['encode'])} "
                         f"| {text} | {milliseconds(row['head'])} "
                         f"| {milliseconds(row['post'])} | {milliseconds(row['first'])} "
-                        f"| {milliseconds(row['change'])} "
+                        f"| {'–' if row['change'] is None else milliseconds(row['change'])} "
                         f"| {row['head'] / row['backbone']:.1f} "
                         f"| {row['peak_mb']:.0f} ({row['forward_mb']:.0f}) |",
                         flush=True,
