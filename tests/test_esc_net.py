@@ -423,3 +423,27 @@ def test_real_scale_shapes_vit_b_16_at_384_with_sam_vit_b_blocks():
     sam_layers = sum(p.numel() for b in method.sam_blocks for p in b.layer.parameters())
     assert sam_layers == 4 * 1_579_520  # spec §2.5: one TwoWayAttentionBlock each
     assert 8e6 < head < 14e6  # spec §6: ~10–11M of ESC-specific parameters
+
+
+@pytest.mark.parametrize("dense_prompt", ["mean", "sum", "union"])
+def test_dense_prompts_reduced_before_the_last_conv_equal_sams_own_encoding(
+    sam_path, dense_prompt
+):
+    """The optimised dense prompt (regions reduced before SAM's final 1×1 conv) equals running
+    SAM's mask_downscaling on every region mask and reducing after."""
+    sam = build_sam("toy", checkpoint=sam_path)
+    encoding = SamPromptEncoding(
+        source=sam.prompt_encoder, grid=8, prompt_types=("mask",), dense_prompt=dense_prompt
+    )
+    maps = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = pseudo_prompts(maps, num_objects=5)
+    _, dense = encoding(prompts)
+    masks = prompts.regions.float()
+    if dense_prompt == "union":
+        masks = masks.amax(dim=1, keepdim=True)
+    masks = F.interpolate(masks.flatten(0, 1)[:, None], scale_factor=4, mode="nearest")
+    reference = encoding.encoder.mask_downscaling(encoding.mask_logit * (2 * masks - 1))
+    reference = reference.view(6, -1, *reference.shape[1:])
+    reference = reference.sum(dim=1) if dense_prompt == "sum" else reference.mean(dim=1)
+    assert dense.shape == (6, encoding.encoder.embed_dim, 8, 8)
+    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)

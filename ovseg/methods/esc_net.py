@@ -364,9 +364,17 @@ class SamPromptEncoding(nn.Module):
         if self.dense_prompt == "union":
             masks = masks.amax(dim=1, keepdim=True)
         masks = F.interpolate(masks.flatten(0, 1)[:, None], scale_factor=4, mode="nearest")
-        dense = encoder.mask_downscaling(self.mask_logit * (2 * masks - 1))  # SAM mask logits
-        dense = dense.view(rows, -1, *dense.shape[1:])
-        dense = dense.sum(dim=1) if self.dense_prompt == "sum" else dense.mean(dim=1)
+        # SAM's mask_downscaling ends in a 1×1 convolution, which commutes with the mean (or sum)
+        # over the regions: reducing first runs that widest layer once per map instead of N_o
+        # times (the same numbers; the largest cost of the prompt encoder at big vocabularies).
+        *downscale, project = encoder.mask_downscaling
+        features = nn.Sequential(*downscale)(self.mask_logit * (2 * masks - 1))  # SAM mask logits
+        features = features.view(rows, -1, *features.shape[1:])
+        if self.dense_prompt == "sum":
+            dense = F.conv2d(features.sum(dim=1), project.weight)
+            dense = dense + features.shape[1] * project.bias[:, None, None]
+        else:
+            dense = project(features.mean(dim=1))
         return torch.cat(sparse, dim=1).to(dtype), dense
 
 
