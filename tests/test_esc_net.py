@@ -426,9 +426,7 @@ def test_real_scale_shapes_vit_b_16_at_384_with_sam_vit_b_blocks():
 
 
 @pytest.mark.parametrize("dense_prompt", ["mean", "sum", "union"])
-def test_dense_prompts_reduced_before_the_last_conv_equal_sams_own_encoding(
-    sam_path, dense_prompt
-):
+def test_dense_prompts_reduced_before_the_last_conv_equal_sams_own_encoding(sam_path, dense_prompt):
     """The optimised dense prompt (regions reduced before SAM's final 1×1 conv) equals running
     SAM's mask_downscaling on every region mask and reducing after."""
     sam = build_sam("toy", checkpoint=sam_path)
