@@ -241,7 +241,10 @@ def _postprocess(
     labels = torch.empty(size, dtype=torch.int64)
     candidates = _possible_winners(logits)
     band = max(1, 2**22 // max(1, len(candidates) * size[1]))
-    full = logits[candidates].float()[None]
+    # Indexing copies; with every class a candidate (typical of small vocabularies) use the
+    # logits as they are.
+    kept = logits if len(candidates) == num_classes else logits[candidates]
+    full = kept.float()[None]
     for top in range(0, size[0], band):
         bottom = min(size[0], top + band)
         labels[top:bottom] = candidates[_band_argmax(full, size, top, bottom)]
