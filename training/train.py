@@ -334,7 +334,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 log_file.flush()
                 save_training_state(checkpoint_path, method, optimizer, iteration, elapsed())
     progress.close()
-    if rank == 0 and iteration % config.checkpoint_every and iteration != config.iterations:
+    if rank == 0 and iteration != config.iterations:
+        # Stopped by the time budget: save the clock too, even if this iteration's checkpoint was
+        # written a moment before the budget ran out, so that a rerun does not train one more step.
         save_training_state(checkpoint_path, method, optimizer, iteration, elapsed())
 
     results: dict[str, Any] = {"iterations": iteration, "world_size": world_size}

@@ -170,9 +170,11 @@ def build_demo(
                             "size); changing it encodes the image again.",
                         )
                         alpha = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="Opacity")
+                        # II whatever the model's default: the paper's choice, and the one whose
+                        # DPSeg view can show pass I against pass II.
                         dpseg_pass = gr.Radio(
                             ["I", "II"],
-                            value=_config_value(methods, "dpseg", "inference", "II"),
+                            value="II",
                             label="DPSeg inference pass",
                         )
                         theta = gr.Slider(
