@@ -375,7 +375,12 @@ def test_loss_is_per_pixel_binary_cross_entropy_with_the_ignore_policy(model, mo
 def test_inference_ii_without_detections_reproduces_pass_one(model, features):
     with torch.no_grad():
         output = model.segment(
-            features, VOCABULARY, head=True, inference="II", detection_threshold=1.0
+            features,
+            VOCABULARY,
+            head=True,
+            inference="II",
+            detection_threshold=1.0,
+            return_intermediates=True,
         )
     assert output.intermediates["detected_classes"] == [[]]
     assert torch.equal(output.intermediates["pass1_logits"], output.intermediates["pass2_logits"])
@@ -546,7 +551,7 @@ def test_an_untrained_head_runs_the_training_free_path(
     assert not method.trained_head and method.backbone is backbone
     with torch.no_grad():
         first = method.segment(features, VOCABULARY, inference="I", return_intermediates=True)
-        second = method.segment(features, VOCABULARY)
+        second = method.segment(features, VOCABULARY, return_intermediates=True)
     assert first.intermediates["head"] == "training-free"
     expected = upsample_logits(first.intermediates["dual_cost_volume"] / 0.01, (SIZE, SIZE))
     torch.testing.assert_close(first.logits, expected, atol=1e-4, rtol=0)
@@ -614,3 +619,15 @@ def test_predictor_end_to_end(model):
     predictor.set_image(np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8))
     prediction = predictor.predict(["sky", "grass", "cat"], options={"dpseg": {"head": True}})
     assert prediction["dpseg"].label_map.shape == (100, 120)
+
+
+def test_inference_ii_keeps_pass_one_logits_only_when_intermediates_are_asked(model, features):
+    with torch.no_grad():
+        plain = model.segment(features, VOCABULARY, head=True, inference="II")
+        full = model.segment(
+            features, VOCABULARY, head=True, inference="II", return_intermediates=True
+        )
+    assert "pass1_logits" not in plain.intermediates
+    assert plain.intermediates["detected_classes"] == full.intermediates["detected_classes"]
+    torch.testing.assert_close(plain.logits, full.logits)
+    assert full.intermediates["pass2_logits"] is full.logits

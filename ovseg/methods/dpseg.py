@@ -1102,8 +1102,10 @@ class DPSeg(SegmentationMethod):
         E with T, V and R, Fig. 3), ``visual_cost_volume_j{2,3,4}`` (``B×K×H_j×W_j``,
         template-averaged F_v^j, Fig. 8), ``visual_prompt_images`` (lazy gallery, class index →
         images), ``shapes`` (tensor inspector), ``refined_prompt_images`` (per image, class
-        index → ``S×S×3`` uint8 crop). With Inference II, ``pass1_logits``, ``pass2_logits``
-        (``B×K×H×W``) and ``detected_classes`` (per image) are always returned.
+        index → ``S×S×3`` uint8 crop), and with Inference II ``pass1_logits`` and ``pass2_logits``
+        (``B×K×H×W``). Inference II always returns ``detected_classes`` (per image); pass I's
+        logits are freed before pass II otherwise (they are ``K×H×W`` floats: 2 GB for 847
+        classes at 768 px).
         """
         if options:
             raise ValueError(
@@ -1122,10 +1124,12 @@ class DPSeg(SegmentationMethod):
             intermediates = self._cost_volume_intermediates(features, prompts, vocabulary)
             intermediates |= {"head": "trained" if use_head else "training-free", "shapes": shapes}
         if mode == "II":
+            labels = logits.argmax(dim=1)
+            first = logits if return_intermediates else None
             refined, detected, crops = self.refine_prompts(
                 features,
                 prompts,
-                logits.argmax(dim=1),
+                labels,
                 detection_threshold=(
                     self.config.detection_threshold
                     if detection_threshold is None
@@ -1134,17 +1138,15 @@ class DPSeg(SegmentationMethod):
                 crop_mode=crop_mode or self.config.crop_mode,
             )
             # No detection leaves every prompt as it was, so pass II would repeat pass I.
-            second = logits if refined is prompts else self._pass(features, refined, use_head, None)
-            intermediates |= {
-                "pass1_logits": logits,
-                "pass2_logits": second,
-                "detected_classes": detected,
-            }
+            if refined is not prompts:
+                del logits  # pass I's logits are not needed any more, unless kept in `first`
+                logits = self._pass(features, refined, use_head, None)
+            intermediates["detected_classes"] = detected
             if return_intermediates:
+                intermediates |= {"pass1_logits": first, "pass2_logits": logits}
                 intermediates["refined_prompt_images"] = [
                     {k: _to_uint8(crop) for k, crop in image_crops.items()} for image_crops in crops
                 ]
-            logits = second
         intermediates["inference"] = mode
         return SegmentationOutput(logits=logits, intermediates=intermediates)
 
