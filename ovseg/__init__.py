@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from ovseg.backbones import WeightsError
+from ovseg.errors import NoImageError, OptionError, OvsegError, UnknownMethodError
 from ovseg.images import ImageError, load_image
 from ovseg.methods import (
     IGNORE_INDEX,
@@ -70,8 +72,6 @@ def download_weights(name: str) -> str:
     """
     from huggingface_hub import hf_hub_download
 
-    from ovseg.backbones import WeightsError
-
     parts = name.removeprefix(HF_HUB_PREFIX).removesuffix(".safetensors").split("/")
     if len(parts) < 3 or not all(parts):
         raise WeightsError(
@@ -95,12 +95,17 @@ def download_weights(name: str) -> str:
 __all__ = [
     "IGNORE_INDEX",
     "ImageError",
+    "NoImageError",
+    "OptionError",
+    "OvsegError",
     "Prediction",
     "Predictor",
     "SegmentationMethod",
     "SegmentationOutput",
+    "UnknownMethodError",
     "Vocabulary",
     "VocabularyError",
+    "WeightsError",
     "build_method",
     "list_methods",
     "list_vocabularies",

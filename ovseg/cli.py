@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image
 
 import ovseg
-from ovseg.backbones import WeightsError
 from ovseg.viz import overlay
 
 
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         summary = segment(args)
-    except (ovseg.ImageError, ovseg.VocabularyError, WeightsError, ValueError, OSError) as error:
+    except (ovseg.OvsegError, ValueError, OSError) as error:
         print(f"ovseg: error: {error}", file=sys.stderr)
         return 2
     present = ", ".join(f"{c['name']} {c['area'] * 100:.1f}%" for c in summary["classes"])

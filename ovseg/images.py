@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ovseg.errors import OvsegError
+
 MIN_SIDE = 16
 MAX_SIDE = 2048
 # Far above any photo, below what would exhaust memory while decoding
@@ -19,7 +21,7 @@ MAX_PIXELS = 400_000_000
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
-class ImageError(ValueError):
+class ImageError(OvsegError, ValueError):
     """An image that cannot be used, with a message meant for the person who gave it."""
 
 
@@ -64,6 +66,8 @@ def _open(source: str | os.PathLike | bytes, max_side: int) -> Image.Image:
         stream, name = path, str(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Some decoders (TIFF) only warn when the data ends early; a short file is an error.
+        warnings.filterwarnings("error", message="Truncated File Read")
         previous_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         try:
@@ -78,13 +82,14 @@ def _open(source: str | os.PathLike | bytes, max_side: int) -> Image.Image:
                 scale = max_side / max(width, height)
                 image.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
             image.load()
-        except (
-            UnidentifiedImageError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ) as error:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageError(
+                f"{name} claims more than {MAX_PIXELS:,} pixels, the most accepted; it was not "
+                f"decoded ({error})."
+            ) from error
+        except UnidentifiedImageError as error:
             raise ImageError(f"{name} is not an image ovseg can read ({error}).") from error
-        except OSError as error:
+        except (OSError, UserWarning) as error:
             raise ImageError(
                 f"{name} could not be decoded; it may be truncated or corrupt ({error})."
             ) from error

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ovseg.errors import NoImageError, UnknownMethodError
 from ovseg.images import ImageSource, load_image
 from ovseg.methods.base import SegmentationMethod
 from ovseg.vocabulary import Vocabulary, parse_vocabulary
@@ -78,7 +79,7 @@ class Predictor:
         if isinstance(methods, SegmentationMethod):
             methods = {methods.name: methods}
         if not methods:
-            raise ValueError("A Predictor needs at least one method.")
+            raise UnknownMethodError("A Predictor needs at least one method.")
         self.methods: dict[str, SegmentationMethod] = dict(methods)
         self.image: np.ndarray | None = None
         self._features: dict[str, Any] = {}
@@ -121,7 +122,9 @@ class Predictor:
             ValueError: for an unknown name.
         """
         if name not in self.methods:
-            raise ValueError(f"Unknown method {name!r}; this predictor has {list(self.methods)}.")
+            raise UnknownMethodError(
+                f"Unknown method {name!r}; this predictor has {list(self.methods)}."
+            )
         self.methods[name] = method
         if not keep_features:
             self._features.pop(name, None)
@@ -135,9 +138,11 @@ class Predictor:
             ValueError: for an unknown method.
         """
         if self.image is None:
-            raise RuntimeError("Call set_image(image) before asking for its features.")
+            raise NoImageError("Call set_image(image) before asking for its features.")
         if name not in self.methods:
-            raise ValueError(f"Unknown method {name!r}; this predictor has {list(self.methods)}.")
+            raise UnknownMethodError(
+                f"Unknown method {name!r}; this predictor has {list(self.methods)}."
+            )
         return self._encode(name)[0]
 
     def is_encoded(self, name: str) -> bool:
@@ -189,12 +194,12 @@ class Predictor:
             ValueError: for an unknown method or option.
         """
         if self.image is None:
-            raise RuntimeError("Call set_image(image) before predict(vocabulary).")
+            raise NoImageError("Call set_image(image) before predict(vocabulary).")
         parsed = parse_vocabulary(vocabulary)
         names = list(methods) if methods is not None else list(self.methods)
         unknown = [name for name in names if name not in self.methods]
         if unknown:
-            raise ValueError(
+            raise UnknownMethodError(
                 f"Unknown method(s) {unknown}; this predictor has {list(self.methods)}."
             )
         options = dict(options or {})

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from ovseg.errors import OvsegError
+
 VOCABULARY_DIR = Path(__file__).parent / "data" / "vocabularies"
 MAX_CLASSES = 4096
 MAX_NAME_LENGTH = 200
 
 
-class VocabularyError(ValueError):
+class VocabularyError(OvsegError, ValueError):
     """A vocabulary that cannot be used, with a message meant for the person who typed it."""
 
 

@@ -24,6 +24,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from ovseg.errors import WeightsError
 from ovseg.prompts.templates import resolve_templates
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -45,10 +46,6 @@ TEXT_CACHE_SIZE = 32
 CLASS_CACHE_FLOATS = 2**25
 
 DenseMode = Literal["standard", "maskclip"]
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be loaded, with a message naming the file and the problem."""
 
 
 @dataclass

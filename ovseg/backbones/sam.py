@@ -37,6 +37,8 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
+from ovseg.errors import MissingWeightsError, WeightsError
+
 __all__ = [
     "SAM_CONFIGS",
     "SamBackbone",
@@ -507,7 +509,7 @@ def _resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
     if not path.name.endswith(_SAFETENSORS_SUFFIX) and with_suffix.is_file():
         return with_suffix
     tried = f" (nor {with_suffix})" if not path.name.endswith(_SAFETENSORS_SUFFIX) else ""
-    raise FileNotFoundError(f"SAM checkpoint not found: {path}{tried}")
+    raise MissingWeightsError(f"SAM checkpoint not found: {path}{tried}")
 
 
 def _read_saved_architecture(path: Path) -> tuple[str | None, SamConfig]:
@@ -518,7 +520,7 @@ def _read_saved_architecture(path: Path) -> tuple[str | None, SamConfig]:
             saved = json.loads(config_path.read_text())
             return saved.get("name"), SamConfig.from_dict(saved["config"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
-            raise ValueError(
+            raise WeightsError(
                 f"{config_path} is not a SAM config written by SamBackbone.save "
                 f'(expected {{"name": ..., "config": {{...}}}}): {error}'
             ) from None
@@ -526,9 +528,9 @@ def _read_saved_architecture(path: Path) -> tuple[str | None, SamConfig]:
         with safe_open(path, framework="pt") as weights:
             metadata = weights.metadata() or {}
     except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+        raise WeightsError(f"{path} is not a readable safetensors file: {error}") from None
     if _METADATA_CONFIG_KEY not in metadata:
-        raise ValueError(
+        raise WeightsError(
             f"cannot tell the SAM architecture of {path}: there is no {config_path.name} beside "
             f"it and no '{_METADATA_CONFIG_KEY}' in its metadata; pass a name, one of "
             f"{sorted(SAM_CONFIGS)}"
@@ -536,7 +538,7 @@ def _read_saved_architecture(path: Path) -> tuple[str | None, SamConfig]:
     try:
         config = SamConfig.from_dict(json.loads(metadata[_METADATA_CONFIG_KEY]))
     except (json.JSONDecodeError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} has a malformed '{_METADATA_CONFIG_KEY}': {error}") from None
+        raise WeightsError(f"{path} has a malformed '{_METADATA_CONFIG_KEY}': {error}") from None
     return metadata.get(_METADATA_NAME_KEY), config
 
 
@@ -546,13 +548,13 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         try:
             return load_file(path, device="cpu")
         except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+            raise WeightsError(f"{path} is not a readable safetensors file: {error}") from None
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         # torch's weights-only unpickler fails on garbage with whatever error the bytes provoke
         # (IndexError, KeyError, UnicodeDecodeError, ...); every one means "not a checkpoint".
-        raise ValueError(
+        raise WeightsError(
             f"{path} is not a readable PyTorch checkpoint: it is corrupt, truncated or holds "
             f"more than tensors ({_torch_load_reason(error)})"
         ) from None
@@ -564,7 +566,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             if isinstance(state_dict, Mapping)
             else type(state_dict).__name__
         )
-        raise ValueError(
+        raise WeightsError(
             f"{path} does not hold a SAM state dict (a mapping from names such as "
             f"'image_encoder.patch_embed.proj.weight' to tensors); found {found}"
         )
@@ -584,7 +586,7 @@ def _torch_load_reason(error: Exception) -> str:
 def _check_state_dict(
     model: Sam, state_dict: Mapping[str, Tensor], *, path: Path, name: str | None
 ) -> None:
-    """Raise `ValueError` listing what differs if `state_dict` does not fit `model` exactly."""
+    """Raise `WeightsError` listing what differs if `state_dict` does not fit `model` exactly."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -605,7 +607,7 @@ def _check_state_dict(
         )
         if items
     ]
-    raise ValueError(
+    raise WeightsError(
         f"{path} does not match SAM architecture '{name or 'unnamed'}'"
         f"{_describe_encoder(state_dict)}: " + "; ".join(problems)
     )

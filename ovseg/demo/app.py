@@ -55,7 +55,7 @@ def _readable(error: Exception) -> gr.Error:
     """A message for the UI: the visitor's own mistakes as they are, anything else logged."""
     # Gradio would print a traceback for every gr.Error; the visitor's mistakes need none and
     # unexpected failures are logged here, once.
-    if isinstance(error, (DemoInputError, views.ViewUnavailable, ovseg.VocabularyError)):
+    if isinstance(error, ovseg.OvsegError):
         return gr.Error(str(error), print_exception=False)
     LOGGER.exception("Demo request failed")
     return gr.Error(

@@ -24,6 +24,7 @@ from PIL import Image
 
 import ovseg
 from ovseg.demo.settings import NO_TRAINING_FREE_PATH, describe
+from ovseg.errors import OvsegError
 from ovseg.methods import SegmentationMethod
 from ovseg.prompts.visual import VisualPromptError
 from ovseg.viz import label_image, overlay
@@ -34,7 +35,7 @@ ESC_PROMPT_TYPES = ("point", "box", "mask")
 RESIZABLE_METHODS = ("dense-clip", "dpseg")
 
 
-class DemoInputError(ValueError):
+class DemoInputError(OvsegError, ValueError):
     """Input the visitor can fix (no image, no method, a bad vocabulary); shown as is."""
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.demo.session import MethodResult, Session
+from ovseg.errors import OvsegError
 from ovseg.prompts.visual import VisualPromptError
 from ovseg.viz import (
     changed_pixels,
@@ -49,7 +50,7 @@ The bar plot shows the same numbers per class (Fig. 2). PCA keeps global distanc
 neighbourhoods, so distances between far-apart groups in a t-SNE plot mean little."""
 
 
-class ViewUnavailable(ValueError):
+class ViewUnavailable(OvsegError, ValueError):
     """A view that cannot be drawn for the current session, with the reason in words."""
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg.backbones import ClipBackbone, WeightsError
+from ovseg.errors import OptionError, UnknownMethodError
 
 IGNORE_INDEX = 255
 
@@ -46,7 +47,7 @@ class MethodConfig:
     def replace(self, **changes: Any) -> MethodConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(
+            raise OptionError(
                 f"{type(self).__name__} has no option(s) {sorted(unknown)}; "
                 f"known: {[f.name for f in dataclasses.fields(self)]}."
             )
@@ -353,7 +354,7 @@ def list_methods() -> list[str]:
 def build_method(name: str, **kwargs: Any) -> SegmentationMethod:
     """Build a registered method; unknown names get a message listing the known ones."""
     if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; available: {', '.join(METHODS)}.")
+        raise UnknownMethodError(f"Unknown method {name!r}; available: {', '.join(METHODS)}.")
     method = METHODS[name](**kwargs)
     return method.eval()
 

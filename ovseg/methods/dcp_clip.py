@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 import ovseg.backbones
 from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings, WeightsError, load_backbone
+from ovseg.errors import OptionError
 from ovseg.methods.attention import CrossAttentionBlock, SelfAttentionBlock, SwinBlock
 from ovseg.methods.base import (
     IGNORE_INDEX,
@@ -187,12 +188,12 @@ class DcpClipConfig(MethodConfig):
 
 def _check_theta(theta: float) -> None:
     if not 0.0 <= theta <= 1.0:
-        raise ValueError(f"theta must be in [0, 1]; got {theta}.")
+        raise OptionError(f"theta must be in [0, 1]; got {theta}.")
 
 
 def _check_rank(rank: int) -> None:
     if int(rank) != rank or rank < 0:
-        raise ValueError(f"tv_rank must be a non-negative integer; got {rank}.")
+        raise OptionError(f"tv_rank must be a non-negative integer; got {rank}.")
 
 
 @dataclass

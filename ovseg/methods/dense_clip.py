@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ovseg.backbones import ClipBackbone, DenseFeatures, load_backbone
+from ovseg.errors import OptionError
 from ovseg.methods.base import (
     MethodConfig,
     SegmentationMethod,
@@ -89,7 +90,7 @@ class DenseClip(SegmentationMethod):
         **options: Any,
     ) -> SegmentationOutput:
         if options:
-            raise ValueError(f"dense-clip takes no options; got {sorted(options)}.")
+            raise OptionError(f"dense-clip takes no options; got {sorted(options)}.")
         text = self.backbone.encode_text(vocabulary, self.config.templates)
         cost_volume = cosine_cost_volume(image_features.dense, text.mean)  # B×K×h×w
         logits = upsample_logits(cost_volume / self.config.temperature, image_features.input_size)

@@ -50,6 +50,7 @@ from ovseg.backbones import (
     build_sam,
     load_backbone,
 )
+from ovseg.errors import OptionError
 from ovseg.methods.attention import LinearAttention, Mlp, SwinBlock
 from ovseg.methods.base import (
     IGNORE_INDEX,
@@ -781,7 +782,7 @@ class EscNet(SegmentationMethod):
         ``sam_masks`` (``B×K×H×W`` probabilities).
         """
         if options:
-            raise ValueError(f"esc-net takes no options; got {sorted(options)}.")
+            raise OptionError(f"esc-net takes no options; got {sorted(options)}.")
         if not isinstance(image_features, EscNetFeatures):
             raise ValueError("segment needs the EscNetFeatures that encode_image returns.")
         if image_features.head != self._uses_head():

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 import ovseg.backbones
 from ovseg.backbones import ClipBackbone, DenseFeatures, WeightsError, load_backbone
+from ovseg.errors import OptionError, OvsegError
 from ovseg.methods.attention import Mlp, MultiHeadAttention
 from ovseg.methods.base import (
     IGNORE_INDEX,
@@ -76,7 +77,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class UntrainedHeadError(ValueError):
+class UntrainedHeadError(OvsegError, ValueError):
     """LDVC was asked to segment without trained head weights; it has no training-free path."""
 
 
@@ -1009,7 +1010,9 @@ class Ldvc(SegmentationMethod):
         """
         unknown = set(options) - set(SEGMENT_OPTIONS)
         if unknown:
-            raise ValueError(f"Unknown ldvc option(s) {sorted(unknown)}; known: {SEGMENT_OPTIONS}.")
+            raise OptionError(
+                f"Unknown ldvc option(s) {sorted(unknown)}; known: {SEGMENT_OPTIONS}."
+            )
         if not self._uses_head():
             raise UntrainedHeadError(
                 "LDVC has no training-free path and this model has no trained head weights "

@@ -46,6 +46,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ovseg.errors import OvsegError
+
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "DEFAULT_SD_MODEL",
@@ -81,7 +83,7 @@ MEMORY_CACHE_ENTRIES = 50_000
 PromptEncoder = Callable[[Tensor], tuple[Tensor, Sequence[Tensor]]]
 
 
-class VisualPromptError(RuntimeError):
+class VisualPromptError(OvsegError, RuntimeError):
     """A visual prompt could not be made, encoded or found."""
 
 
