@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -216,6 +217,64 @@ def test_wrong_generator_output_is_a_clear_error(tmp_path):
     generator.generate = lambda *args: np.zeros((8, 8, 3), np.float32)
     with pytest.raises(VisualPromptError, match=r"expected uint8 of shape \(16, 16, 3\)"):
         make_bank(generator, tmp_path).embeddings(["red"], TEMPLATES)
+
+
+# ------------------------------------------------------------------------- crash safety
+
+
+def test_a_crash_mid_write_leaves_no_entry_and_the_next_run_completes_it(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    clean = make_bank(ListGenerator(), tmp_path / "clean").embeddings(["red", "blue"], TEMPLATES)
+    real_save = safetensors.torch.save_file
+    writes = []
+
+    def crashing_save(tensors, filename, metadata=None):
+        writes.append(filename)
+        if len(writes) == 4:  # the process dies halfway through writing the fourth entry
+            real_save(tensors, filename, metadata=metadata)
+            written = Path(filename)
+            written.write_bytes(written.read_bytes()[: written.stat().st_size // 2])
+            raise KeyboardInterrupt("killed mid-write")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        make_bank(ListGenerator(), tmp_path / "crash").embeddings(["red", "blue"], TEMPLATES)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    stored = list((tmp_path / "crash" / "embeddings").rglob("*.safetensors"))
+    assert len(stored) == 3  # the interrupted entry is not there under its real name
+    assert not list((tmp_path / "crash").rglob("*.tmp"))  # nor its temporary file
+    resumed = make_bank(ListGenerator(), tmp_path / "crash").embeddings(["red", "blue"], TEMPLATES)
+    assert torch.equal(resumed.embeddings, clean.embeddings)
+
+
+def test_a_corrupt_cache_entry_is_made_again_not_trusted(tmp_path):
+    generator = ListGenerator()
+    first = make_bank(generator, tmp_path).embeddings(["red", "blue"], TEMPLATES)
+    bank = make_bank(generator, tmp_path)
+    red, blue = bank.entries(["red", "blue"], TEMPLATES)
+    # a truncated embedding, a PNG overwritten with garbage, and another entry's embedding
+    truncated = bank.embedding_path(red[0])
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    bank.image_path(red[1]).write_bytes(b"not a png at all")
+    bank.embedding_path(red[1]).unlink()  # so the garbage image has to be read again
+    bank.embedding_path(blue[2]).write_bytes(bank.embedding_path(blue[0]).read_bytes())
+    calls = generator.calls
+    again = make_bank(generator, tmp_path).embeddings(["red", "blue"], TEMPLATES)
+    assert torch.equal(again.embeddings, first.embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(again.pooled, first.pooled, strict=True))
+    assert generator.calls == calls + 1  # only the garbage image was drawn again
+    assert make_bank(generator, tmp_path).images(["red"], TEMPLATES)[0][1].shape == (16, 16, 3)
+
+
+def test_a_corrupt_image_is_reported_when_it_may_not_be_regenerated(tmp_path):
+    bank = make_bank(ListGenerator(), tmp_path)
+    bank.images(["red"], TEMPLATES)
+    entry = bank.entries(["red"], TEMPLATES)[0][0]
+    bank.image_path(entry).write_bytes(b"garbage")
+    with pytest.raises(MissingVisualPromptsError, match="corrupt"):
+        make_bank(ListGenerator(), tmp_path).images(["red"], TEMPLATES, generate=False)
 
 
 # --------------------------------------------------------------------------- Stable Diffusion

@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 import ovseg
-from ovseg.demo import views
+from ovseg.demo import gradio_fixes, views
 from ovseg.demo.examples import all_examples, preset_names, preset_text, resolve_vocabulary
 from ovseg.demo.session import (
     ESC_PROMPT_TYPES,
     DemoInputError,
     RunOptions,
+    ScratchSpace,
     Session,
     esc_net_prompt_types,
 )
@@ -43,6 +42,10 @@ METHOD_DEFAULT_SIZE = "each method's own"
 INPUT_SIZES = [METHOD_DEFAULT_SIZE, "192", "256", "320", "384", "448", "512"]
 # Methods that cost the most run last, so the others' overlays appear while they work.
 SLOW_LAST = ("esc-net", "dpseg")
+# A session idle this long is dropped with its files (a new segment request starts a fresh one).
+SESSION_TTL_S = 2 * 3600
+# Gradio's cached uploads and served files: checked hourly, deleted once a day old.
+CACHE_PRUNING = (3600, 86400)
 INTRODUCTION = """\
 # ovseg: open-vocabulary segmentation, side by side
 Give an image, type any classes (commas or new lines between classes, `;` between synonyms:
@@ -91,7 +94,7 @@ def _close_session(state: Session | None) -> None:
         state.close()
 
 
-def _run_options(
+def run_options(
     input_size: str, dpseg_pass: str, theta: float, prompt_types: list[str], top_m: float
 ) -> RunOptions:
     return RunOptions(
@@ -131,16 +134,19 @@ def build_demo(
         loaded = load_methods(DemoSettings())
         methods, status = loaded.methods, loaded.status
     status = dict(status or {name: describe(method) for name, method in methods.items()})
-    scratch = Path(tempfile.mkdtemp(prefix="ovseg-examples-"))
+    gradio_fixes.install()
+    space = ScratchSpace()
+    scratch = space.folder("examples-")
     heavy = {"concurrency_limit": concurrency, "concurrency_id": "models"}
 
-    with gr.Blocks(title="ovseg: open-vocabulary segmentation") as demo:
+    # Gradio's copies of uploads and served files: pruned when older than a day, and at exit.
+    with gr.Blocks(title="ovseg: open-vocabulary segmentation", delete_cache=CACHE_PRUNING) as demo:
         gr.Markdown(INTRODUCTION)
         gr.Markdown(
             "\n".join(f"- **{name}**: {line}" for name, line in status.items()),
             elem_id="method-status",
         )
-        session = gr.State(None, delete_callback=_close_session)
+        session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=_close_session)
         with gr.Tabs():
             # ------------------------------------------------------------------ Segment tab
             with gr.Tab("Segment", id="segment"), gr.Row():
@@ -341,9 +347,9 @@ def build_demo(
             try:
                 if not chosen_methods:
                     raise DemoInputError("Choose at least one method.")
-                options = _run_options(size, pass_choice, theta_value, types, routed)
+                options = run_options(size, pass_choice, theta_value, types, routed)
                 parsed = resolve_vocabulary(vocabulary_text, preset_choice)
-                state = state or Session.create(methods)
+                state = state or Session.create(methods, space)
                 state.set_image(image_value)
                 state.vocabulary, state.options = parsed, options
                 for name in list(state.results):
@@ -597,6 +603,7 @@ def build_demo(
             api_name="embedding_gap",
             **heavy,
         )
+    demo.scratch_space = space  # where sessions keep their files (inspected by the load test)
     return demo
 
 
@@ -618,5 +625,8 @@ def launch(argv: list[str] | None = None) -> None:
         )
     demo = build_demo(loaded.methods, loaded.status, concurrency=settings.concurrency)
     demo.queue(default_concurrency_limit=settings.concurrency).launch(
-        server_name=arguments.host, server_port=arguments.port, share=arguments.share
+        server_name=arguments.host,
+        server_port=arguments.port,
+        share=arguments.share,
+        state_session_capacity=settings.max_sessions,
     )

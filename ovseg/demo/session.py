@@ -5,16 +5,22 @@ Models are loaded once and shared read-only by every visitor. A :class:`Session`
 digest of the image it holds and the last result of every method. Changing only the vocabulary
 or an inference option re-runs the heads on the cached image features; only a new image (or a
 new input size) encodes again.
+
+Files a session writes (its downloads) live in its own folder inside the app's
+:class:`ScratchSpace`; the folder goes when the session ends, when Gradio evicts it, or when the
+app exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import json
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +166,42 @@ def image_digest(image: np.ndarray) -> str:
     return hashlib.sha1(data.tobytes() + str(data.shape).encode()).hexdigest()
 
 
+class ScratchSpace:
+    """A private temporary folder for one app, holding one folder per session.
+
+    Everything under it is removed when the app exits (and each session's folder when the session
+    ends). Folder names are random, never derived from anything a visitor typed or uploaded.
+
+    Arguments:
+        parent: where to create it (default: the system's temporary directory).
+    """
+
+    def __init__(self, parent: str | Path | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="ovseg-demo-", dir=parent))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.root, True)
+        atexit.register(self._finalizer)
+
+    def folder(self, prefix: str) -> Path:
+        """A new, empty folder of its own (mode 0700)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
+
+    def remove(self) -> None:
+        """Delete the whole space now."""
+        self._finalizer()
+
+
+_DEFAULT_SPACE: ScratchSpace | None = None
+
+
+def default_scratch_space() -> ScratchSpace:
+    """The process-wide space for sessions created without one (tests, scripts)."""
+    global _DEFAULT_SPACE
+    if _DEFAULT_SPACE is None:
+        _DEFAULT_SPACE = ScratchSpace()
+    return _DEFAULT_SPACE
+
+
 @dataclass
 class Session:
     """One visitor's predictor, image, vocabulary and results.
@@ -172,7 +214,7 @@ class Session:
         options: the options of the last run.
         results: method name → its latest :class:`MethodResult`.
         installed: method name → config changes of the variant installed in the predictor.
-        scratch: this session's folder for downloadable files.
+        space: the app's scratch space; this session's folder in it is made on first use.
     """
 
     models: dict[str, SegmentationMethod]
@@ -182,16 +224,35 @@ class Session:
     options: RunOptions = field(default_factory=RunOptions)
     results: dict[str, MethodResult] = field(default_factory=dict)
     installed: dict[str, dict[str, Any]] = field(default_factory=dict)
-    scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ovseg-demo-")))
+    space: ScratchSpace = field(default_factory=default_scratch_space, repr=False)
+    _scratch: Path | None = field(default=None, init=False, repr=False)
+    _cleanup: weakref.finalize | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def create(cls, models: dict[str, SegmentationMethod]) -> Session:
-        """A fresh session over the shared models."""
-        return cls(models=models, predictor=ovseg.Predictor(dict(models)))
+    def create(
+        cls, models: dict[str, SegmentationMethod], space: ScratchSpace | None = None
+    ) -> Session:
+        """A fresh session over the shared models (its files in ``space``)."""
+        return cls(
+            models=models,
+            predictor=ovseg.Predictor(dict(models)),
+            space=space or default_scratch_space(),
+        )
+
+    @property
+    def scratch(self) -> Path:
+        """This session's folder for downloadable files, made on first use."""
+        if self._scratch is None or not self._scratch.is_dir():
+            self._scratch = self.space.folder("session-")
+            # Gradio drops sessions it evicts without a callback; collecting them cleans up too.
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)
+        return self._scratch
 
     def close(self) -> None:
-        """Delete this session's downloadable files (Gradio calls it when the session ends)."""
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        """Delete this session's files (Gradio calls it when the session ends or expires)."""
+        if self._cleanup is not None:
+            self._cleanup()
+        self._scratch = None
 
     @property
     def image(self) -> np.ndarray | None:
@@ -302,8 +363,11 @@ class Session:
         """Label PNG and overlay per method and one JSON for all, in this session's folder."""
         if self.image is None or self.vocabulary is None:
             return []
+        # Only the latest run's files are kept: Gradio has its own copy of what it served.
+        for previous in self.scratch.glob("run-*"):
+            shutil.rmtree(previous, ignore_errors=True)
         folder = self.scratch / f"run-{time.time_ns()}"
-        folder.mkdir(parents=True)
+        folder.mkdir()
         files, summary = [], {"vocabulary": [list(c) for c in self.vocabulary], "methods": {}}
         for result in self.ordered_results():
             name = result.name

@@ -11,6 +11,8 @@ without ``METHOD=`` applies to every method.
 - ``--sam-checkpoint PATH`` / ``OVSEG_SAM_CHECKPOINT``: SAM weights for ESC-Net.
 - ``--device DEVICE`` / ``OVSEG_DEVICE``: ``cpu`` (default), ``cuda``, ``mps``.
 - ``--concurrency N`` / ``OVSEG_CONCURRENCY``: requests run at once (default 1).
+- ``--max-sessions N`` / ``OVSEG_MAX_SESSIONS``: visitor sessions kept in memory (default 64; the
+  oldest is dropped, with its files, when a new one would exceed it).
 
 Environment variables take the same syntax, with several assignments separated by spaces or
 commas: ``OVSEG_WEIGHTS="dpseg=heads/dpseg-b.safetensors ldvc=heads/ldvc.safetensors"``. Flags
@@ -44,6 +46,7 @@ class DemoSettings:
         sam_checkpoint: SAM weights for ESC-Net (None: the shipped toy SAM).
         device: torch device for every model.
         concurrency: how many requests run at once (the queue holds the rest).
+        max_sessions: visitor sessions kept in memory; each holds its image's features.
     """
 
     methods: list[str] = field(default_factory=ovseg.list_methods)
@@ -53,6 +56,7 @@ class DemoSettings:
     sam_checkpoint: str | None = None
     device: str = "cpu"
     concurrency: int = 1
+    max_sessions: int = 64
 
     def value_for(self, table: Mapping[str, str], method: str) -> str | None:
         """A per-method value, falling back to the one given for all methods."""
@@ -144,6 +148,12 @@ def argument_parser() -> argparse.ArgumentParser:
         default=int(os.environ.get("OVSEG_CONCURRENCY", 1)),
         help="requests processed at once; the queue holds the others (default 1)",
     )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=int(os.environ.get("OVSEG_MAX_SESSIONS", 64)),
+        help="visitor sessions kept in memory; the oldest is dropped first (default 64)",
+    )
     return parser
 
 
@@ -158,6 +168,8 @@ def settings_from_arguments(arguments: argparse.Namespace) -> DemoSettings:
         )
     if arguments.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1; got {arguments.concurrency}.")
+    if arguments.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be at least 1; got {arguments.max_sessions}.")
     weights = parse_assignments(arguments.weights, option="--weights")
     if ALL_METHODS in weights:
         raise ValueError("--weights must name its method: --weights dpseg=PATH.")
@@ -169,6 +181,7 @@ def settings_from_arguments(arguments: argparse.Namespace) -> DemoSettings:
         sam_checkpoint=arguments.sam_checkpoint,
         device=arguments.device,
         concurrency=arguments.concurrency,
+        max_sessions=arguments.max_sessions,
     )
 
 

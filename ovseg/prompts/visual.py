@@ -27,14 +27,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 import re
+import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -707,7 +709,22 @@ class VisualPromptBank:
             raise MissingVisualPromptsError(absent, f"{self.cache_dir / 'images'}")
         if absent:
             self._generate(list(dict.fromkeys(absent)))
-        return [_read_png(self.image_path(e)) for e in entries]
+        return [self._read_image(e, generate=generate) for e in entries]
+
+    def _read_image(self, entry: PromptEntry, *, generate: bool = True) -> np.ndarray:
+        """A cached image, checked; an unreadable or wrong one is made again, never used."""
+        path = self.image_path(entry)
+        image = _read_png(path, entry, self.generator.resolution)
+        if image is not None:
+            return image
+        path.unlink(missing_ok=True)
+        if not generate:
+            raise MissingVisualPromptsError([entry], f"{self.cache_dir / 'images'} (corrupt)")
+        self._generate([entry])
+        image = _read_png(path, entry, self.generator.resolution)
+        if image is None:
+            raise VisualPromptError(f"{path} is unreadable right after it was written.")
+        return image
 
     def images(
         self,
@@ -848,7 +865,7 @@ class VisualPromptBank:
         )
         for start in range(0, len(entries), self.batch_size):
             batch = entries[start : start + self.batch_size]
-            embedding, pooled = self.encode_images([_read_png(self.image_path(e)) for e in batch])
+            embedding, pooled = self.encode_images([self._read_image(e) for e in batch])
             for index, entry in enumerate(batch):
                 tensors = {"embedding": embedding[index].contiguous()}
                 tensors |= {f"pooled{j}": p[index].contiguous() for j, p in enumerate(pooled)}
@@ -863,16 +880,16 @@ class VisualPromptBank:
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
-        from safetensors.torch import load_file
-
         path = self.embedding_path(entry, encoder_id)
-        try:
-            tensors = load_file(path)
-        except Exception as error:
-            raise VisualPromptError(
-                f"The cached visual prompt embedding {path} is unreadable ({error}); delete it "
-                "to have it recomputed."
-            ) from error
+        tensors = _read_embedding(path, entry)
+        if tensors is None:
+            # Unreadable (a crash mid-write by an older version, a bad disk) or not this entry's:
+            # computed again, never trusted.
+            path.unlink(missing_ok=True)
+            self._encode_entries([entry], encoder_id)
+            tensors = _read_embedding(path, entry)
+            if tensors is None:
+                raise VisualPromptError(f"{path} is unreadable right after it was written.")
         stages = sorted(
             (name for name in tensors if name.startswith("pooled")), key=lambda n: int(n[6:])
         )
@@ -893,9 +910,21 @@ def _entry_metadata(entry: PromptEntry) -> dict[str, str]:
     }
 
 
-def _temporary(path: Path) -> Path:
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that is renamed onto it once written.
+
+    A writer that crashes (or is killed) midway leaves at most a hidden ``.tmp`` file, never a
+    truncated entry under the real name; concurrent writers (threads or processes) each have
+    their own temporary file and the last rename wins with a complete file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _write_png(path: Path, image: np.ndarray, entry: PromptEntry) -> None:
@@ -904,19 +933,51 @@ def _write_png(path: Path, image: np.ndarray, entry: PromptEntry) -> None:
     info = PngInfo()
     for name, value in _entry_metadata(entry).items():
         info.add_itxt(name, value)
-    temporary = _temporary(path)
-    Image.fromarray(image).save(temporary, format="PNG", pnginfo=info)
-    os.replace(temporary, path)
+    with _atomic_path(path) as temporary:
+        Image.fromarray(image).save(temporary, format="PNG", pnginfo=info)
 
 
-def _read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
+def _read_png(path: Path, entry: PromptEntry, resolution: int) -> np.ndarray | None:
+    """The cached image of ``entry``, or None if it is unreadable, the wrong size or another
+    entry's (its metadata names the entry it was made for)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            metadata = dict(getattr(image, "text", {}) or {})
+            array = np.array(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if array.shape != (resolution, resolution, 3) or not _matches(metadata, entry):
+        return None
+    return array
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor], entry: PromptEntry) -> None:
     from safetensors.torch import save_file
 
-    temporary = _temporary(path)
-    save_file(tensors, temporary, metadata=_entry_metadata(entry))
-    os.replace(temporary, path)
+    with _atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=_entry_metadata(entry))
+
+
+def _read_embedding(path: Path, entry: PromptEntry) -> dict[str, Tensor] | None:
+    """The cached embedding tensors of ``entry``, or None if the file is unreadable, lacks the
+    embedding, holds non-finite values or was written for another entry."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    except Exception:
+        return None
+    if "embedding" not in tensors or not _matches(metadata, entry):
+        return None
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in tensors.values()):
+        return None
+    return tensors
+
+
+def _matches(metadata: dict[str, str], entry: PromptEntry) -> bool:
+    """Whether a cached file's metadata names ``entry``."""
+    expected = _entry_metadata(entry)
+    return all(metadata.get(key) == expected[key] for key in ("subject", "template", "seed"))
