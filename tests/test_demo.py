@@ -167,9 +167,34 @@ def test_bad_input_is_refused_in_words(training_free, image, options, message):
         RunOptions(**options)
 
 
-def test_an_empty_vocabulary_is_refused_in_words():
-    with pytest.raises(ovseg.VocabularyError, match="empty"):
-        resolve_vocabulary(" , ", PRESET_CUSTOM)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (" , ", "empty"),
+        ("\n\t ;; ,", "empty"),
+        ("x" * 300, "at most 200"),
+        (", ".join(f"class {i}" for i in range(5000)), "at most"),
+    ],
+)
+def test_unusable_vocabularies_are_refused_in_words(text, message):
+    with pytest.raises(ovseg.VocabularyError, match=message):
+        resolve_vocabulary(text, PRESET_CUSTOM)
+
+
+def test_unicode_vocabularies_and_odd_images_segment_in_the_demo(training_free, tmp_path):
+    session = Session.create({"dense-clip": training_free["dense-clip"]})
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.open(EXAMPLE).convert("CMYK").save(cmyk)
+    session.set_image(str(cmyk))
+    vocabulary = resolve_vocabulary("狐狸; fox, 🟫 carpet, pavo real, ant, ant", PRESET_CUSTOM)
+    assert vocabulary.names == ("狐狸", "🟫 carpet", "pavo real", "ant")
+    result = session.run("dense-clip", vocabulary, RunOptions())
+    assert result.prediction is not None and result.prediction.label_map.shape == (256, 256)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    with pytest.raises(DemoInputError, match="not an image"):
+        session.set_image(str(not_an_image))
+    assert session.image is not None  # the earlier image is kept
 
 
 def test_the_segment_view_shows_every_method_with_its_time_and_areas(free_session):

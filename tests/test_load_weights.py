@@ -8,7 +8,7 @@ import torch
 
 import ovseg
 from ovseg.backbones import WeightsError
-from ovseg.methods.base import save_weights
+from ovseg.methods.base import save_weights, weights_file
 
 
 @pytest.fixture
@@ -96,3 +96,14 @@ def test_a_file_missing_trainable_tensors_is_refused(saved_dcp_clip, toy_vit, tm
     with pytest.raises(WeightsError, match="missing"):
         ovseg.load("dcp-clip", backbone=toy_vit, weights=str(broken), input_size=64, cost_dim=32,
                    window_size=4)  # fmt: skip
+
+
+def test_another_methods_weights_are_refused_by_name(saved_dcp_clip, toy_vit, tmp_path):
+    _, path = saved_dcp_clip
+    with pytest.raises(ovseg.WeightsError, match="holds 'dcp-clip' weights, not esc-net"):
+        ovseg.load("esc-net", backbone=toy_vit, weights=str(path))
+    # without the config record beside it, the tensors themselves do not fit
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(weights_file(path), lone)
+    with pytest.raises(ovseg.WeightsError, match="does not fit ldvc"):
+        ovseg.load("ldvc", backbone=toy_vit, weights=str(lone))
