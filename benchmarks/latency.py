@@ -6,6 +6,7 @@ Usage::
     python benchmarks/latency.py --scales toy --sizes 30 --images 256       # the targets' setting
     python benchmarks/latency.py --scales real --sizes 1 20 150 847 --repeats 1
     python benchmarks/latency.py --side-by-side                    # all five methods in one call
+    python benchmarks/latency.py --device cuda                     # on a GPU (default: if present)
 
 Every (scale, method, K, image size) runs in a fresh subprocess, so its peak resident memory is
 its own and no cache carries over. Inside it, through :class:`ovseg.Predictor` as a user calls it:
@@ -24,7 +25,11 @@ its own and no cache carries over. Inside it, through :class:`ovseg.Predictor` a
   includes drawing and encoding the vocabulary's visual prompts into a fresh prompt bank).
 - **change**: wall time of a predict on the cached image after one class name was changed (what a
   user does in the demo; the other classes' text embeddings are reused).
-- **peak MB**: the process's peak resident memory minus what it held after building the method.
+- **peak MB**: the process's peak resident memory minus what it held after building the method;
+  on a GPU, the peak of memory allocated by torch on the device (and what the forward added).
+
+On a GPU every stage is timed with ``CUDA_LAUNCH_BLOCKING=1``, so each stage's kernels have
+finished when its clock stops (a little slower than asynchronous launches, but a true split).
 
 A warm-up predict with a different vocabulary runs first, so one-off costs (kernel selection,
 lazy imports, position-embedding interpolation) are not charged to any stage. Real scale uses
@@ -57,6 +62,30 @@ from dcp_clip_efficiency import vocabulary_of  # the same vocabularies as DCP-CL
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dense-clip", "dpseg", "dcp-clip", "esc-net", "ldvc", "cat-seg-style")
+# The worker processes read their device from here (set by run_isolated).
+DEVICE_VARIABLE = "OVSEG_BENCHMARK_DEVICE"
+
+
+def device() -> torch.device:
+    return torch.device(os.environ.get(DEVICE_VARIABLE, "cpu"))
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; a missing GPU is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device on this machine.")
+    return name
+
+
+def peak_memory_mb() -> float:
+    """Peak memory so far: torch's device allocations on a GPU, resident memory on the CPU."""
+    if device().type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # scale → method → ovseg.load settings
 SCALES: dict[str, dict[str, dict]] = {
     "toy": {
@@ -98,7 +127,7 @@ def build(scale: str, method_name: str, prompt_dir: str):
         }
         if scale == "real":
             settings["prompt_resolution"] = resolution
-    method = ovseg.load(registered, **settings).eval()
+    method = ovseg.load(registered, device=device(), **settings).eval()
     method.trained_head = True  # measure the head, trained or not
     return method
 
@@ -118,7 +147,7 @@ def use_random_text(backbone) -> None:
     minutes of text encoding; the head's cost does not depend on the values)."""
 
     def random_prompts(prompts):
-        return F.normalize(torch.randn(len(prompts), backbone.embed_dim), dim=-1)
+        return F.normalize(torch.randn(len(prompts), backbone.embed_dim, device=device()), dim=-1)
 
     backbone.encode_prompts = random_prompts
 
@@ -145,11 +174,14 @@ def measure(
         method = build(scale, method_name, prompt_dir)
         if random_text:
             use_random_text(method.backbone)
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if device().type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        baseline = peak_memory_mb()
         predictor = ovseg.Predictor({method_name: method})
         image = scene_image(image_size)
         side = method.config.input_size
         pixels = torch.from_numpy(scene_image(side)).permute(2, 0, 1)[None].float() / 255
+        pixels = pixels.to(device())
         with torch.inference_mode():
             predictor.set_image(image)
             predictor.predict(["warm-up thing", "another warm-up thing"])
@@ -177,8 +209,8 @@ def measure(
         }
 
         def memory() -> dict:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return {"peak_mb": peak / 1024, "forward_mb": (peak - baseline) / 1024}
+            peak = peak_memory_mb()
+            return {"peak_mb": peak, "forward_mb": peak - baseline}
 
         if single:
             timings = first.timings
@@ -272,7 +304,7 @@ def measure_text(tower: str, prompts: int, threads: int) -> dict:
     from ovseg.prompts.templates import resolve_templates
 
     torch.set_num_threads(threads)
-    backbone = load_backbone(tower, "random" if tower.startswith("toy") else None)
+    backbone = load_backbone(tower, "random" if tower.startswith("toy") else None, device=device())
     templates = resolve_templates("imagenet")
     names = vocabulary_of(max(1, prompts // len(templates) + 1))
     texts = [t.format(n) for n in names for t in templates][:prompts]
@@ -284,9 +316,12 @@ def measure_text(tower: str, prompts: int, threads: int) -> dict:
     return {"tower": tower, "prompts": len(texts), "per_second": len(texts) / seconds}
 
 
-def run_isolated(arguments: list[str]) -> dict:
+def run_isolated(arguments: list[str], on: str = "cpu") -> dict:
     command = [sys.executable, __file__, *arguments]
     environment = dict(os.environ, PYTHONPATH=str(REPO))
+    environment[DEVICE_VARIABLE] = on
+    if on == "cuda":
+        environment["CUDA_LAUNCH_BLOCKING"] = "1"
     result = subprocess.run(
         command, capture_output=True, text=True, check=False, cwd=REPO, env=environment
     )
@@ -307,6 +342,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[256], help="image sides")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per stage (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the models run (auto: a GPU when torch sees one)",
+    )
     parser.add_argument(
         "--side-by-side", action="store_true", help="time all five toy methods in one predict"
     )
@@ -354,12 +395,17 @@ def main() -> None:
         return
 
     common = ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-    print(f"{torch.get_num_threads()} CPU threads available; using {args.threads}. Times in ms.\n")
+    on = resolve_device(args.device)
+    where = f"GPU {torch.cuda.get_device_name()}" if on == "cuda" else "CPU"
+    print(
+        f"Device: {where}; {torch.get_num_threads()} CPU threads available, using "
+        f"{args.threads}. Times in ms.\n"
+    )
     if args.text:
         print("| text tower | prompts | prompts/s | 30 classes × 80 templates | 847 × 80 |")
         print("|---|---:|---:|---:|---:|")
         for tower in args.towers:
-            row = run_isolated(["--text-worker", tower, str(args.prompts), *common])
+            row = run_isolated(["--text-worker", tower, str(args.prompts), *common], on)
             rate = row["per_second"]
             print(
                 f"| {tower} | {row['prompts']} | {rate:.0f} | {2400 / rate:.1f} s "
@@ -372,7 +418,7 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|")
         for size in args.sizes:
             for image in args.images:
-                row = run_isolated(["--side-worker", str(size), str(image), *common])
+                row = run_isolated(["--side-worker", str(size), str(image), *common], on)
                 print(
                     f"| {size} | {image} | {milliseconds(row['first'])} "
                     f"| {milliseconds(row['change'])} | {milliseconds(row['warm'])} |",
@@ -397,7 +443,8 @@ def main() -> None:
                             "--worker", scale, name, str(size), str(image),
                             "yes" if random_text else "no", "yes" if args.single else "no",
                             *common,
-                        ]
+                        ],
+                        on,
                     )  # fmt: skip
                     text = "–" if row["text"] is None else milliseconds(row["text"])
                     print(

@@ -75,3 +75,21 @@ def test_latency_random_text_leaves_the_text_column_empty():
     )  # fmt: skip
     row = next(line for line in out.splitlines() if line.startswith("| toy | dense-clip |"))
     assert row.split("|")[8].strip() == "–"
+
+
+def test_latency_names_the_device_and_refuses_a_gpu_that_is_not_there():
+    import torch
+
+    out = run(
+        "benchmarks/latency.py", "--methods", "ldvc", "--sizes", "2", "--images", "64",
+        "--repeats", "1", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    assert out.startswith("Device: CPU")
+    if torch.cuda.is_available():
+        return
+    result = subprocess.run(
+        [sys.executable, "benchmarks/latency.py", "--device", "cuda"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "no CUDA device" in result.stderr
