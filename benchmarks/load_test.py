@@ -285,10 +285,11 @@ def report(result: LoadResult, *, methods: list[str], concurrency: int, max_sess
         f"{statistics.median(answers) if answers else 0:g}, max {max(answers, default=0)}.",
     ]
     if rss and result.rss_after_first_round_mb is not None:
+        halfway = min(result.rss_mb, key=lambda sample: abs(sample[0] - result.seconds / 2))[1]
         rows.append(
             f"Server memory (RSS): {rss[0]:.0f} MB at the start, "
             f"{result.rss_after_first_round_mb:.0f} MB once every session had its first answer, "
-            f"peak {max(rss):.0f} MB, {rss[-1]:.0f} MB at the end."
+            f"{halfway:.0f} MB halfway, {rss[-1]:.0f} MB at the end (peak {max(rss):.0f} MB)."
         )
     if result.session_folders_end is not None:
         rows.append(

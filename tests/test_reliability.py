@@ -158,6 +158,13 @@ def test_an_animated_gif_reads_as_its_first_frame():
     assert tuple(loaded[16, 16]) == (255, 0, 0)
 
 
+def test_a_truncated_tiff_is_refused_not_decoded_with_a_warning():
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(pixels), "TIFF")
+    with pytest.raises(ovseg.ImageError, match="truncated or corrupt"):
+        ovseg.load_image(data[: len(data) * 2 // 3])
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims ``width×height`` RGB pixels and holds almost no data (a 'bomb')."""
 
