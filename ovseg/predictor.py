@@ -276,7 +276,9 @@ def _mean_probabilities(logits: torch.Tensor, floats: int = 2**22) -> torch.Tens
     num_classes = logits.shape[0]
     chunk = max(1, floats // max(1, logits[0].numel()))
     chunks = [slice(start, start + chunk) for start in range(0, num_classes, chunk)]
-    maximum = torch.stack([logits[c].float().amax(dim=0) for c in chunks]).amax(dim=0)
+    maximum = logits[chunks[0]].float().amax(dim=0)
+    for c in chunks[1:]:  # a running maximum: no stack of one h×w map per chunk
+        torch.maximum(maximum, logits[c].float().amax(dim=0), out=maximum)
 
     def exp(x: torch.Tensor) -> torch.Tensor:
         # Below e^-87 float32 turns subnormal, which CPUs compute many times slower (DCP-CLIP's

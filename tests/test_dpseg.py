@@ -631,3 +631,148 @@ def test_inference_ii_keeps_pass_one_logits_only_when_intermediates_are_asked(mo
     assert plain.intermediates["detected_classes"] == full.intermediates["detected_classes"]
     torch.testing.assert_close(plain.logits, full.logits)
     assert full.intermediates["pass2_logits"] is full.logits
+
+
+# ------------------------------------------------------ streamed inference (issue 10: memory)
+
+WIDE_VOCABULARY = [*VOCABULARY, "car", "tree", "road"]  # 7 classes: chunks of 3 leave one over
+
+
+def _reference_and_streamed(method, run):
+    """``run()`` on the reference path (autograd on: every stage built for all classes) and on the
+    streamed one (autograd off), both detached."""
+    with torch.enable_grad():
+        reference = run()
+    with torch.no_grad():
+        streamed = run()
+    return reference, streamed
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"class_chunk": 3},
+        {"class_chunk": 1, "attention_type": "full"},
+        {
+            "class_chunk": 2,
+            "cost_fusion": "cat",
+            "visual_cost_scales": (),
+            "upsampled_cost_guidance": True,
+        },
+    ],
+)
+def test_streamed_decoder_matches_the_reference_bit_for_bit(
+    backbone, cache_dir, images, monkeypatch, changes
+):
+    torch.manual_seed(7)
+    method = DPSeg(config=small_config(cache_dir, **changes), backbone=backbone).eval()
+    # A few pooled positions per attention chunk, so the class attention runs in pieces too.
+    monkeypatch.setattr("ovseg.methods.dpseg.ATTENTION_TOKENS", 5 * len(WIDE_VOCABULARY))
+    with torch.no_grad():
+        features = method.encode_image(images)
+    prompts = method.dual_prompts(WIDE_VOCABULARY, 2)
+    shapes = ({}, {})
+
+    def decode():
+        index = 0 if torch.is_grad_enabled() else 1
+        return method.decode(features, prompts, shapes=shapes[index]).detach()
+
+    reference, streamed = _reference_and_streamed(method, decode)
+    assert streamed.shape == (2, 7, SIZE // 4, SIZE // 4)
+    assert torch.equal(streamed, reference)
+    assert shapes[0] == shapes[1] and shapes[1]["D3"] == (2, 7, 16, SIZE // 4, SIZE // 4)
+
+
+def test_streamed_inference_ii_matches_the_reference_path(model, images, monkeypatch):
+    monkeypatch.setattr(model, "config", model.config.replace(class_chunk=3))
+    with torch.no_grad():
+        features = model.encode_image(images)
+    results = {}
+    for head in (True, False):  # the trained head and the training-free path
+
+        def segment(head=head):
+            return model.segment(features, WIDE_VOCABULARY, head=head, inference="II")
+
+        reference, results[head] = _reference_and_streamed(model, segment)
+        assert torch.equal(results[head].logits, reference.logits.detach())
+        detected = results[head].intermediates["detected_classes"]
+        assert detected == reference.intermediates["detected_classes"] and detected[0]
+    with torch.no_grad():  # pass I kept in full for the intermediates
+        kept = model.segment(
+            features, WIDE_VOCABULARY, head=True, inference="II", return_intermediates=True
+        )
+    assert torch.equal(kept.logits, results[True].logits)
+
+
+def test_chunked_upsampling_and_running_argmax_match_upsample_logits(model, monkeypatch):
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 150, 6, 5, generator=generator)  # three chunks of 64 classes
+    logits[:, 140] = logits[:, 7]  # a tie across chunks: the first class wins, as in argmax
+    logits[1, 100, 2, 3] = float("nan")  # NaN wins, as in argmax
+    size = (24, 20)
+    with torch.no_grad():
+        expected = upsample_logits(logits, size)
+        exact = {"rtol": 0, "atol": 0, "equal_nan": True}
+        torch.testing.assert_close(model._upsample(logits, size), expected, **exact)
+        assert torch.equal(model._upsampled_argmax(logits, size), expected.argmax(dim=1))
+        monkeypatch.setattr("ovseg.methods.dpseg.UPSAMPLE_CHUNK", 3)
+        upsampled = model._upsample(logits, size)
+        assert torch.equal(model._upsampled_argmax(logits, size), upsampled.argmax(dim=1))
+    assert (upsampled.argmax(dim=1) == 100).any()
+
+
+def test_streamed_inference_builds_full_resolution_logits_once(model, images, monkeypatch):
+    """No B×K×… tensor of B×K×H×W floats (the full-resolution logits, or D3's B×K×16×H/4×W/4)
+    exists during Inference II but the output: pass I's label map comes from chunks of classes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(model, "config", model.config.replace(class_chunk=2))
+    monkeypatch.setattr("ovseg.methods.dpseg.UPSAMPLE_CHUNK", 2)
+    with torch.no_grad():
+        features = model.encode_image(images)
+    model.visual_prompts(WIDE_VOCABULARY)  # a warm prompt bank
+    full = 2 * len(WIDE_VOCABULARY) * SIZE * SIZE
+
+    class LargeTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in result if isinstance(result, tuple | list) else [result]:
+                if (
+                    isinstance(tensor, torch.Tensor)
+                    and tuple(tensor.shape[:2]) == (2, len(WIDE_VOCABULARY))  # B×K×…
+                    and tensor.numel() >= full
+                ):
+                    self.storages.add(tensor.untyped_storage().data_ptr())
+            return result
+
+    def large_tensors(grad: bool) -> int:
+        with torch.set_grad_enabled(grad), LargeTensors() as mode:
+            output = model.segment(features, WIDE_VOCABULARY, head=True, inference="II")
+        assert output.logits.numel() == full and output.intermediates["detected_classes"][0]
+        return len(mode.storages)
+
+    assert large_tensors(grad=False) == 1
+    assert large_tensors(grad=True) > 1  # the reference path (training) builds several
+
+
+def test_refinement_encodes_the_crops_per_encoder_batch(model, images, monkeypatch):
+    monkeypatch.setattr("ovseg.methods.dpseg.PROMPT_ENCODER_BATCH", 2)
+    with torch.no_grad():
+        features = model.encode_image(images)
+    prompts = model.dual_prompts(WIDE_VOCABULARY, 2)
+    stripes = torch.arange(SIZE) * 7 // SIZE  # classes 0-6 across the image
+    # Image 0: seven columns of classes; image 1: five rows (0-4): 12 crops, 6 encoder batches.
+    label_map = torch.stack([stripes.expand(SIZE, SIZE), (stripes % 5)[:, None].expand(SIZE, SIZE)])
+    refined, detected, crops = model.refine_prompts(features, prompts, label_map)
+    owners = [(b, k) for b, classes in enumerate(detected) for k in classes]
+    assert len(owners) == 12
+    embedding, pooled = model.encode_prompt_images(torch.stack([crops[b][k] for b, k in owners]))
+    for (b, k), row in zip(owners, embedding, strict=True):
+        assert torch.equal(refined.visual[b, k], row.expand(4, -1))
+    for level, expected in zip(refined.pooled, pooled, strict=True):
+        assert torch.equal(level[[b for b, _ in owners], [k for _, k in owners], 0], expected)

@@ -9,7 +9,8 @@ paper's §4:
 - §4.2 cost volume-guided decoder (CVGD): three stages of hybrid dilated convolution, class
   attention, deconvolution, detached encoder guidance E_4, E_3, E_2 and the intra-modal visual
   cost volumes ``F_v^j = cos(Pool(V_j), E_j)`` (Eq. 2), computed folded into the prototypes so
-  that K = 171 at 1/4 scale fits in memory.
+  that K = 171 at 1/4 scale fits in memory. Without autograd the decoder streams chunks of
+  classes through each stage (``class_chunk``): only stage inputs and outputs span all classes.
 - §4.3 semantic-guided prompt refinement (Inference II): each class found by pass I has all of its
   visual prompts replaced by the embedding of its masked crop of the image, and the head runs
   again on the image features of pass I.
@@ -26,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,13 @@ PROMPT_ENCODER_BATCH = 16
 TOY_PROMPTS_PER_CLASS = 16
 TOY_PROMPT_RESOLUTION = 128
 PROMPT_MEMO_SIZE = 8
+# Inference without gradients runs the class attention over chunks of pooled positions holding at
+# most this many class tokens (its MLP widens each token 4×; 847 classes at 768 px have 1.9 M
+# tokens in stage D3).
+ATTENTION_TOKENS = 2**16
+# Classes per chunk when upsampling logits: upsample_logits' own chunk. CPU bilinear resizing
+# rounds differently for different numbers of maps, so the same chunks give the same bits.
+UPSAMPLE_CHUNK = 64
 
 # ------------------------------------------------------------------------------------- config
 
@@ -171,7 +179,13 @@ class DPSegConfig(MethodConfig):
     ignore_policy: "negative" (ignored pixels are negatives for every class, SED) or
         "exclude" (left out of the loss).
     temperature: divides the training-free cosine scores into logits.
-    class_chunk: classes processed together in the per-class decoder layers (memory bound).
+    class_chunk: classes processed together in the per-class layers (cost volume, cost embedding,
+        decoder, upsampling of the logits). Without autograd (inference) the decoder streams
+        chunks of classes through each stage, so its memory is bounded by the stage inputs plus
+        one chunk's temporaries rather than every class's activations; the class attention,
+        which mixes classes, runs over chunks of ``ATTENTION_TOKENS`` tokens. Streamed and
+        whole-tensor (training) decoders give the same bits for the same class_chunk; other
+        chunk sizes differ by float rounding only.
     """
 
     backbone: str = "toy-convnext"
@@ -334,18 +348,36 @@ class ClassAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``B×K×C×s×s`` → ``B×K×C×s×s``."""
         batch, classes, channels, height, width = x.shape
+        tokens = self.mix(self.tokens(x).reshape(-1, classes, channels))  # (B·positions)×K×C
+        grid = self.grid(height, width)
+        return x + self.unpool(tokens.view(batch, -1, classes, channels), grid, (height, width))
+
+    # The three steps of forward, which the streamed decoder runs on chunks of classes (tokens,
+    # unpool: per class) or of positions (mix: per position).
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Side lengths of the pooled grid of an ``s×s`` map."""
+        pool = min(self.pool, height, width)
+        return height // pool, width // pool
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """``B×K×C×s×s`` → pooled tokens ``B×P×K×C`` (a permuted view; P pooled positions)."""
+        batch, classes, channels, height, width = x.shape
         pool = min(self.pool, height, width)
         pooled = F.avg_pool2d(x.reshape(batch * classes, channels, height, width), pool)
-        grid = pooled.shape[-2:]
-        tokens = pooled.view(batch, classes, channels, -1).permute(0, 3, 1, 2)
-        tokens = tokens.reshape(-1, classes, channels)  # (B·positions)×K×C
+        return pooled.view(batch, classes, channels, -1).permute(0, 3, 1, 2)
+
+    def mix(self, tokens: Tensor) -> Tensor:
+        """Attention over classes and MLP: ``N×K×C`` → ``N×K×C``, each of the N positions alone."""
         normed = self.norm1(tokens)
         tokens = tokens + self.attention(normed, normed, normed)
-        tokens = tokens + self.mlp(self.norm2(tokens))
-        tokens = tokens.view(batch, -1, classes, channels).permute(0, 2, 3, 1)
-        tokens = tokens.reshape(batch * classes, channels, *grid)
-        upsampled = F.interpolate(tokens, size=(height, width), mode="bilinear", align_corners=True)
-        return x + upsampled.view_as(x)
+        return tokens + self.mlp(self.norm2(tokens))
+
+    def unpool(self, tokens: Tensor, grid: Sequence[int], size: Sequence[int]) -> Tensor:
+        """``B×P×K×C`` tokens → the upsampled residual ``B×K×C×H×W``."""
+        batch, _, classes, channels = tokens.shape
+        maps = tokens.permute(0, 2, 3, 1).reshape(batch * classes, channels, *grid)
+        upsampled = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=True)
+        return upsampled.view(batch, classes, channels, *size)
 
 
 class DoubleConv(nn.Sequential):
@@ -416,7 +448,8 @@ class VisualCostProjection(nn.Module):
             groups=batch,
         )
         projected = projected.view(batch, classes, outputs, height, width)
-        return F.relu(projected + self.conv.bias.view(1, 1, -1, 1, 1))
+        projected += self.conv.bias.view(1, 1, -1, 1, 1)  # in place: a fresh conv output
+        return F.relu(projected, inplace=True)
 
     def forward(self, encoder_features: Tensor, prototypes: Tensor) -> Tensor:
         """``B×D_j×H×W`` (detached E_j) and ``B×K×M×D_j`` (V̄_j) → ``B×K×g×H×W``."""
@@ -439,6 +472,27 @@ def _per_class(module: nn.Module, x: Tensor, chunk: int) -> Tensor:
     batch = x.shape[0]
     parts = [module(part.flatten(0, 1)).unflatten(0, (batch, -1)) for part in x.split(chunk, 1)]
     return torch.cat(parts, dim=1)
+
+
+def _class_slices(classes: int, chunk: int) -> list[slice]:
+    """The chunks of ``classes`` classes, ``chunk`` at a time (as ``Tensor.split`` cuts them)."""
+    return [slice(start, min(start + chunk, classes)) for start in range(0, classes, chunk)]
+
+
+def _into(buffer: Tensor | None, part: Tensor, index: slice, classes: int, dim: int = 1) -> Tensor:
+    """Write ``part`` into the classes ``index`` (axis ``dim``) of ``buffer``; allocate the
+    buffer, with ``classes`` classes, at the first chunk."""
+    if buffer is None:
+        shape = list(part.shape)
+        shape[dim] = classes
+        buffer = part.new_empty(shape)
+    buffer[(slice(None),) * dim + (index,)] = part
+    return buffer
+
+
+# Class slice → a tensor of those classes (a stage input, F, F_c, the upsampled F_c), built on
+# demand by the streamed decoder.
+ClassSource = Callable[[slice], Tensor]
 
 
 class DecoderStage(nn.Module):
@@ -516,27 +570,116 @@ class DecoderStage(nn.Module):
         Returns:
             ``B×K×C_out×2s×2s``.
         """
-        batch = x.shape[0]
         x = _per_class(self.hd_conv, x, class_chunk)
         x = self.class_attention(x)
         guidance = self.guidance(encoder_features)[:, None]  # B×1×g×2s×2s
         outputs = []
-        for start in range(0, x.shape[1], class_chunk):
-            part = x[:, start : start + class_chunk]
-            count = part.shape[1]
-            pieces = [
-                self.upsample(part.flatten(0, 1)).unflatten(0, (batch, count)),
-                guidance.expand(-1, count, -1, -1, -1),
-            ]
-            if self.visual_cost is not None:
-                pieces.append(
-                    self.visual_cost(encoder_features, prototypes[:, start : start + count])
+        for index in _class_slices(x.shape[1], class_chunk):
+            outputs.append(
+                self._fuse(
+                    x[:, index],
+                    guidance,
+                    encoder_features,
+                    None if prototypes is None else prototypes[:, index],
+                    None if upsampled_cost is None else upsampled_cost[:, index],
                 )
-            if upsampled_cost is not None:
-                pieces.append(upsampled_cost[:, start : start + count])
-            fused = self.fuse(torch.cat(pieces, dim=2).flatten(0, 1))
-            outputs.append(fused.unflatten(0, (batch, count)))
+            )
         return torch.cat(outputs, dim=1)
+
+    def _fuse(
+        self,
+        part: Tensor,
+        guidance: Tensor,
+        encoder_features: Tensor,
+        prototypes: Tensor | None,
+        upsampled_cost: Tensor | None,
+    ) -> Tensor:
+        """Deconvolution, guidance and DoubleConv of a chunk of classes ``B×c×C_in×s×s``."""
+        batch, count = part.shape[:2]
+        pieces = [
+            self.upsample(part.flatten(0, 1)).unflatten(0, (batch, count)),
+            guidance.expand(-1, count, -1, -1, -1),
+        ]
+        if self.visual_cost is not None:
+            pieces.append(self.visual_cost(encoder_features, prototypes))
+        if upsampled_cost is not None:
+            pieces.append(upsampled_cost)
+        stacked = torch.cat(pieces, dim=2).flatten(0, 1)
+        del pieces  # the deconvolution's output is not needed once stacked
+        first, *rest = self.fuse  # self.fuse(stacked), with stacked freed after the first conv
+        fused = first(stacked)
+        del stacked
+        for layer in rest:
+            fused = layer(fused)
+        return fused.unflatten(0, (batch, count))
+
+    def stream(
+        self,
+        source: ClassSource,
+        classes: int,
+        encoder_features: Tensor,
+        prototypes: Tensor | None,
+        upsampled_cost: ClassSource | None,
+        *,
+        class_chunk: int,
+        buffer: Tensor | None = None,
+        head: nn.Module | None = None,
+    ) -> Tensor:
+        """:meth:`forward` for inference (no autograd), one chunk of classes at a time.
+
+        Only the HD Conv output of all classes (``B×K×C_in×s×s``, in ``buffer`` when given), its
+        pooled class tokens and the stage output are held; the class attention's residual, the
+        deconvolution, the guidance, F_v^j and the DoubleConv exist for one chunk at a time. The
+        per-class layers see the same chunks as in :meth:`forward`, so the result is the same.
+
+        Arguments:
+            source: class slice → the stage input of those classes, ``B×c×C_in×s×s``.
+            classes: K.
+            encoder_features: E_j, ``B×D_j×2s×2s``.
+            prototypes: V̄_j, ``B×K×M×D_j`` (used when the stage has a visual cost volume).
+            upsampled_cost: class slice → ``B×c×u×2s×2s``, or None.
+            class_chunk: classes per chunk.
+            buffer: ``B×K×C_in×s×s`` that receives the HD Conv output; it may be the tensor
+                ``source`` reads from (each chunk is read before it is overwritten).
+            head: applied to each chunk of the output (the decoder's logit conv, last stage).
+
+        Returns:
+            ``B×K×C_out×2s×2s``, or ``B×K×1×2s×2s`` through ``head``.
+        """
+        attention = self.class_attention
+        slices = _class_slices(classes, class_chunk)
+        hidden, tokens = buffer, None
+        for index in slices:
+            part = source(index)
+            batch = part.shape[0]
+            part = self.hd_conv(part.flatten(0, 1)).unflatten(0, (batch, -1))
+            hidden = _into(hidden, part, index, classes)
+            tokens = _into(tokens, attention.tokens(part), index, classes, dim=2)  # B×P×K×C
+            del part
+        height, width = hidden.shape[-2:]
+        flat = tokens.view(-1, classes, tokens.shape[-1])  # (B·P)×K×C
+        positions = max(1, ATTENTION_TOKENS // classes)
+        for start in range(0, flat.shape[0], positions):
+            chunk = flat[start : start + positions]
+            chunk.copy_(attention.mix(chunk))  # positions are independent of each other
+        grid = attention.grid(height, width)
+        guidance = self.guidance(encoder_features)[:, None]  # B×1×g×2s×2s
+        output = None
+        for index in slices:
+            part = hidden[:, index] + attention.unpool(tokens[:, :, index], grid, (height, width))
+            fused = self._fuse(
+                part,
+                guidance,
+                encoder_features,
+                None if prototypes is None else prototypes[:, index],
+                None if upsampled_cost is None else upsampled_cost(index),
+            )
+            del part
+            if head is not None:
+                fused = head(fused.flatten(0, 1)).unflatten(0, (fused.shape[0], -1))
+            output = _into(output, fused, index, classes)
+            del fused
+        return output
 
 
 class CostVolumeGuidedDecoder(nn.Module):
@@ -629,6 +772,73 @@ class CostVolumeGuidedDecoder(nn.Module):
                 shapes[f"D{index + 1}"] = tuple(x.shape)
         return _per_class(self.head, x, class_chunk).squeeze(2)
 
+    def stream(
+        self,
+        embedded_cost: ClassSource,
+        classes: int,
+        cost_volume: ClassSource,
+        encoder_features: Sequence[Tensor],
+        prototypes: Sequence[Tensor],
+        *,
+        class_chunk: int,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> Tensor:
+        """:meth:`forward` for inference (no autograd) in chunks of classes, with the same result.
+
+        F and F_c come per chunk of classes and are never held for all of them; each stage keeps
+        its HD Conv output in the buffer of its input (:meth:`DecoderStage.stream`), and the last
+        stage applies the logit conv per chunk, so D3's ``B×K×C×H/4×W/4`` output is never built.
+
+        Arguments:
+            embedded_cost: class slice → F of those classes, ``B×c×d_F×h×w``.
+            classes: K.
+            cost_volume: class slice → F_c, ``B×c×M×h×w`` (used by ``upsampled_cost_guidance``).
+            encoder_features, prototypes, class_chunk, shapes: as :meth:`forward`.
+
+        Returns:
+            Logits ``B×K×H/4×W/4``.
+        """
+        x: Tensor | None = None
+        source = embedded_cost
+        for index, stage in enumerate(self.stages):
+            scale = 4 - index
+            upsampled = None
+            if self.cost_upsampling is not None:
+                upsampled = _upsampled_cost(cost_volume, self.cost_upsampling[: index + 1])
+            last = index == len(self.stages) - 1
+            x = stage.stream(
+                source,
+                classes,
+                encoder_features[scale - 2],
+                prototypes[scale - 2],
+                upsampled,
+                class_chunk=class_chunk,
+                buffer=x,  # the previous stage's output becomes this stage's HD Conv output
+                head=self.head if last else None,
+            )
+            if shapes is not None:
+                width = stage.fuse[3].out_channels if last else x.shape[2]
+                shapes[f"D{index + 1}"] = (x.shape[0], classes, width, *x.shape[-2:])
+            source = _reader(x)
+        return x.squeeze(2)
+
+
+def _reader(x: Tensor) -> ClassSource:
+    return lambda index: x[:, index]
+
+
+def _upsampled_cost(cost_volume: ClassSource, layers: Sequence[nn.Module]) -> ClassSource:
+    """Class slice → F_c of those classes upsampled by ``layers`` (the ``upsampled_cost_guidance``
+    deconvolutions up to the stage's scale)."""
+
+    def upsampled(index: slice) -> Tensor:
+        x = cost_volume(index)
+        for layer in layers:
+            x = layer(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1))
+        return x
+
+    return upsampled
+
 
 # ------------------------------------------------------------------------------ inputs of a pass
 
@@ -664,6 +874,14 @@ class DualPrompts:
     text: Tensor
     visual: Tensor
     pooled: tuple[Tensor, ...]
+
+    def classes(self, index: slice) -> DualPrompts:
+        """The prompts of some classes (views)."""
+        return DualPrompts(
+            text=self.text[:, index],
+            visual=self.visual[:, index],
+            pooled=tuple(p[:, index] for p in self.pooled),
+        )
 
 
 def detect_classes(label_map: Tensor, num_classes: int, threshold: float = 0.0) -> list[list[int]]:
@@ -975,7 +1193,14 @@ class DPSeg(SegmentationMethod):
         *,
         shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> Tensor:
-        """The trained head on one pass's prompts → logits ``B×K×H/4×W/4``."""
+        """The trained head on one pass's prompts → logits ``B×K×H/4×W/4``.
+
+        Without autograd, the classes are streamed through the decoder in chunks of
+        ``config.class_chunk`` (:meth:`CostVolumeGuidedDecoder.stream`); with it (training), every
+        stage is built for all classes at once.
+        """
+        if not torch.is_grad_enabled():
+            return self._stream_decode(features, prompts, shapes)
         cost = self.cost_volume(features.embeddings, prompts)  # F_c, Eq. 1
         embedded = self.cost_embedding(cost)  # F, B×K×d_F×h×w
         if shapes is not None:
@@ -990,9 +1215,49 @@ class DPSeg(SegmentationMethod):
             shapes=shapes,
         )
 
+    def _stream_decode(
+        self,
+        features: DPSegFeatures,
+        prompts: DualPrompts,
+        shapes: dict[str, tuple[int, ...]] | None,
+    ) -> Tensor:
+        classes = prompts.text.shape[1]
+
+        def cost(index: slice) -> Tensor:
+            return self.cost_volume(features.embeddings, prompts.classes(index))  # F_c, Eq. 1
+
+        def embedded(index: slice) -> Tensor:
+            return self.cost_embedding(cost(index))
+
+        if shapes is not None:
+            _record_feature_shapes(features, shapes)
+            batch, _, height, width = features.embeddings.shape
+            cost_channels = self.cost_embedding.conv.in_channels
+            shapes |= {
+                "F_c": (batch, classes, cost_channels, height, width),
+                "F": (batch, classes, self.config.cost_embed_dim, height, width),
+            }
+        return self.decoder.stream(
+            embedded,
+            classes,
+            cost,
+            features.guidance,
+            prompts.pooled,
+            class_chunk=self.config.class_chunk,
+            shapes=shapes,
+        )
+
     def training_free_scores(self, features: DPSegFeatures, prompts: DualPrompts) -> Tensor:
-        """The dual-prompt cost volume averaged over templates, ``B×K×h×w`` (DESIGN.md §5)."""
-        return self.cost_volume(features.embeddings, prompts).mean(dim=2)
+        """The dual-prompt cost volume averaged over templates, ``B×K×h×w`` (DESIGN.md §5);
+        without autograd in chunks of classes (``B×K×M×h×w`` is never held)."""
+        if torch.is_grad_enabled():
+            return self.cost_volume(features.embeddings, prompts).mean(dim=2)
+        classes = prompts.text.shape[1]
+        scores = None
+        for index in _class_slices(classes, self.config.class_chunk):
+            part = self.cost_volume(features.embeddings, prompts.classes(index)).mean(dim=2)
+            scores = _into(scores, part, index, classes)
+        return scores
 
     def _pass(
         self,
@@ -1001,13 +1266,54 @@ class DPSeg(SegmentationMethod):
         use_head: bool,
         shapes: dict[str, tuple[int, ...]] | None,
     ) -> Tensor:
+        """One pass: logits ``B×K×H×W`` at the input size."""
+        logits = self._low_resolution_pass(features, prompts, use_head, shapes)
+        return self._upsample(logits, features.input_size)
+
+    def _low_resolution_pass(
+        self,
+        features: DPSegFeatures,
+        prompts: DualPrompts,
+        use_head: bool,
+        shapes: dict[str, tuple[int, ...]] | None,
+    ) -> Tensor:
+        """One pass's logits at the head's resolution (1/4, or 1/32 training-free)."""
         if use_head:
-            logits = self.decode(features, prompts, shapes=shapes)
-        else:
-            logits = self.training_free_scores(features, prompts) / self.config.temperature
-            if shapes is not None:
-                _record_feature_shapes(features, shapes)
-        return upsample_logits(logits, features.input_size)
+            return self.decode(features, prompts, shapes=shapes)
+        logits = self.training_free_scores(features, prompts)
+        logits /= self.config.temperature  # a fresh tensor; in place saves a K×h×w copy
+        if shapes is not None:
+            _record_feature_shapes(features, shapes)
+        return logits
+
+    def _upsample(self, logits: Tensor, size: Sequence[int]) -> Tensor:
+        """:func:`upsample_logits`; without autograd written chunk by chunk into the output, so
+        ``B×K×H×W`` exists once (the concatenation of chunks needs it twice)."""
+        if torch.is_grad_enabled() or tuple(logits.shape[-2:]) == tuple(size):
+            return upsample_logits(logits, size)
+        output = logits.new_empty((*logits.shape[:2], *size))
+        for index in _class_slices(logits.shape[1], UPSAMPLE_CHUNK):
+            output[:, index] = upsample_logits(logits[:, index], size)
+        return output
+
+    def _upsampled_argmax(self, logits: Tensor, size: Sequence[int]) -> Tensor:
+        """``self._upsample(logits, size).argmax(dim=1)`` (``B×H×W``) without ``B×K×H×W``: a
+        running argmax over chunks of upsampled classes (the first maximum wins, NaN beats all,
+        as in ``argmax``)."""
+        best = labels = None
+        for index in _class_slices(logits.shape[1], UPSAMPLE_CHUNK):
+            part = upsample_logits(logits[:, index], size)
+            winner = part.argmax(dim=1, keepdim=True)
+            value = part.gather(1, winner)[:, 0]
+            winner = winner[:, 0] + index.start
+            del part
+            if best is None:
+                best, labels = value, winner
+                continue
+            better = (value > best) | (value.isnan() & ~best.isnan())
+            best = torch.where(better, value, best)
+            labels = torch.where(better, winner, labels)
+        return labels
 
     # ------------------------------------------------------------------------- Inference II
     def refine_prompts(
@@ -1059,7 +1365,14 @@ class DPSeg(SegmentationMethod):
             owners += [(index, k) for k in classes]
         if not owners:
             return prompts, detected, crops
-        embedding, pooled = self.encode_prompt_images(torch.stack([crops[b][k] for b, k in owners]))
+        # Stacked per encoder batch (the batches encode_prompt_images cuts), not all at once.
+        batches = []
+        for start in range(0, len(owners), PROMPT_ENCODER_BATCH):
+            batch = owners[start : start + PROMPT_ENCODER_BATCH]
+            batches.append(self.encode_prompt_images(torch.stack([crops[b][k] for b, k in batch])))
+        embedding = torch.cat([encoded[0] for encoded in batches])
+        pooled = tuple(torch.cat(level) for level in zip(*(e[1] for e in batches), strict=True))
+        del batches
         images, classes = torch.tensor(owners, device=prompts.visual.device).unbind(dim=1)
 
         def replace(bank: Tensor, rows: Tensor) -> Tensor:
@@ -1103,9 +1416,9 @@ class DPSeg(SegmentationMethod):
         template-averaged F_v^j, Fig. 8), ``visual_prompt_images`` (lazy gallery, class index →
         images), ``shapes`` (tensor inspector), ``refined_prompt_images`` (per image, class
         index → ``S×S×3`` uint8 crop), and with Inference II ``pass1_logits`` and ``pass2_logits``
-        (``B×K×H×W``). Inference II always returns ``detected_classes`` (per image); pass I's
-        logits are freed before pass II otherwise (they are ``K×H×W`` floats: 2 GB for 847
-        classes at 768 px).
+        (``B×K×H×W``). Inference II always returns ``detected_classes`` (per image); otherwise
+        pass I's logits are never upsampled for all classes at once (they are ``K×H×W`` floats:
+        2 GB for 847 classes at 768 px): its label map is a running argmax over chunks of classes.
         """
         if options:
             raise ValueError(
@@ -1118,13 +1431,17 @@ class DPSeg(SegmentationMethod):
         features = image_features
         prompts = self.dual_prompts(vocabulary, features.embeddings.shape[0])
         shapes: dict[str, tuple[int, ...]] | None = {} if return_intermediates else None
-        logits = self._pass(features, prompts, use_head, shapes)
+        size = features.input_size
+        low = self._low_resolution_pass(features, prompts, use_head, shapes)
+        # Pass I's full-resolution logits are only needed as the output or as an intermediate.
+        full = mode == "I" or return_intermediates or torch.is_grad_enabled()
+        logits = self._upsample(low, size) if full else None
         intermediates: dict[str, Any] = {}
         if return_intermediates:
             intermediates = self._cost_volume_intermediates(features, prompts, vocabulary)
             intermediates |= {"head": "trained" if use_head else "training-free", "shapes": shapes}
         if mode == "II":
-            labels = logits.argmax(dim=1)
+            labels = logits.argmax(dim=1) if full else self._upsampled_argmax(low, size)
             first = logits if return_intermediates else None
             refined, detected, crops = self.refine_prompts(
                 features,
@@ -1137,16 +1454,20 @@ class DPSeg(SegmentationMethod):
                 ),
                 crop_mode=crop_mode or self.config.crop_mode,
             )
-            # No detection leaves every prompt as it was, so pass II would repeat pass I.
-            if refined is not prompts:
-                del logits  # pass I's logits are not needed any more, unless kept in `first`
-                logits = self._pass(features, refined, use_head, None)
-            intermediates["detected_classes"] = detected
             if return_intermediates:
-                intermediates |= {"pass1_logits": first, "pass2_logits": logits}
                 intermediates["refined_prompt_images"] = [
                     {k: _to_uint8(crop) for k, crop in image_crops.items()} for image_crops in crops
                 ]
+            del crops  # 3×S×S floats per detected class
+            # No detection leaves every prompt as it was, so pass II would repeat pass I.
+            if refined is not prompts:
+                del logits, low  # pass I's logits are not needed any more, unless in `first`
+                logits = self._pass(features, refined, use_head, None)
+            elif logits is None:
+                logits = self._upsample(low, size)
+            intermediates["detected_classes"] = detected
+            if return_intermediates:
+                intermediates |= {"pass1_logits": first, "pass2_logits": logits}
         intermediates["inference"] = mode
         return SegmentationOutput(logits=logits, intermediates=intermediates)
 
