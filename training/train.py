@@ -136,10 +136,14 @@ def seed_everything(seed: int) -> None:
 
 
 def build_dataset(
-    spec: dict[str, Any], seed: int
+    spec: dict[str, Any], seed: int, start: int = 0
 ) -> tuple[torch.utils.data.IterableDataset, list, np.ndarray]:
     """The dataset (items with "image" and "labels"), the training vocabulary, and the map from
     dataset labels to vocabulary indices (ignore for classes outside the vocabulary).
+
+    ``start`` is how many items the run has already consumed (all ranks together): a resumed
+    ToyWorld run continues the very stream it left, so it never repeats a scene and never runs
+    past the training seeds however far it got. A real dataset reshuffles with ``seed + start``.
 
     ``spec["name"]`` is ``"toyworld"`` or a real dataset of :data:`ovseg.data.datasets.DATASETS`
     (e.g. ``{"name": "coco-stuff-164k", "split": "train2017", "crop_size": 384}``; see
@@ -147,7 +151,7 @@ def build_dataset(
     """
     name = spec.get("name", "toyworld")
     if name in DATASETS:
-        return build_training_data(spec, seed, ignore_index=IGNORE_INDEX)
+        return build_training_data(spec, seed + start, ignore_index=IGNORE_INDEX)
     if name != "toyworld":
         raise ValueError(f"Unknown dataset {name!r}; available: toyworld, {', '.join(DATASETS)}.")
     image_size = int(spec.get("image_size", 256))
@@ -157,7 +161,7 @@ def build_dataset(
     vocabulary = toyworld_vocabulary(world, class_ids)
     to_index = np.full(len(world.classes), IGNORE_INDEX, dtype=np.int64)
     to_index[class_ids] = np.arange(len(class_ids))
-    dataset = ToyWorldDataset(split=split, image_size=image_size, base_seed=seed * 10**6)
+    dataset = ToyWorldDataset(split=split, image_size=image_size, base_seed=seed * 10**6 + start)
     return dataset, vocabulary, to_index
 
 
@@ -260,7 +264,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         iteration = int(state["iteration"])
         previous_seconds = float(state.get("seconds", 0.0))
 
-    dataset, vocabulary, to_index = build_dataset(config.dataset, config.seed + iteration)
+    consumed = iteration * config.batch_size * world_size
+    dataset, vocabulary, to_index = build_dataset(config.dataset, config.seed, consumed)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0))
     to_index = torch.from_numpy(to_index)
     input_size = method.config.input_size
