@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "training" / "configs" / "dense-clip-toy.json"
@@ -59,6 +60,38 @@ def test_pretrain_clip_runs_checkpoints_and_writes_an_open_clip_folder(tmp_path)
     from ovseg.backbones import load_clip
 
     assert load_clip(f"local-dir:{out}").kind == "convnext"
+
+
+def test_pretrain_clip_starts_towers_from_another_toy_clip_and_locks_the_text_tower(tmp_path):
+    from safetensors.torch import load_file
+
+    tiny = ["--steps", "1", "--batch-size", "4", "--eval-images-per-class", "1"]
+    vit = tmp_path / "vit"
+    run(sys.executable, "training/pretrain_clip.py", "--model", "toy-vit", "--out", str(vit),
+        "--run-dir", str(tmp_path / "run-vit"), *tiny)  # fmt: skip
+    convnext = tmp_path / "convnext"
+    run(sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext",
+        "--out", str(convnext), "--run-dir", str(tmp_path / "run-convnext"), *tiny)  # fmt: skip
+    out = tmp_path / "lit"
+    run(
+        sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext", "--out", str(out),
+        "--run-dir", str(tmp_path / "run-lit"), "--init-text", str(vit), "--init-image",
+        str(convnext / "open_clip_model.safetensors"), "--lock-text", "--lr", "0.01", *tiny,
+    )  # fmt: skip
+    source, start, trained = (
+        load_file(folder / "open_clip_model.safetensors") for folder in (vit, convnext, out)
+    )
+    text_keys = [k for k in trained if not k.startswith(("visual.", "logit_"))]
+    assert "token_embedding.weight" in text_keys and "text_projection" in text_keys
+    assert all(torch.equal(trained[k], source[k]) for k in text_keys)  # copied, then frozen
+    stem = next(k for k in trained if k.startswith("visual.") and trained[k].ndim == 4)
+    assert trained[stem].shape == start[stem].shape and not torch.equal(trained[stem], start[stem])
+    assert (trained[stem] - start[stem]).abs().max() < 0.1  # one step away from its start
+
+    with pytest.raises(AssertionError, match="no image tower matching"):
+        run(sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext",
+            "--out", str(tmp_path / "bad"), "--run-dir", str(tmp_path / "run-bad"),
+            "--init-image", str(vit), *tiny)  # fmt: skip
 
 
 def test_pretrain_sam_runs_and_its_weights_load(tmp_path):
@@ -160,7 +193,6 @@ def test_a_time_budget_stops_training_early_and_a_rerun_does_not_train_past_it(t
     run_dir = tmp_path / "timed"
     overrides = [*tiny_training_overrides(run_dir, 100_000), "--set", "minutes=0.05"]
     run(sys.executable, "training/train.py", "--config", str(CONFIG), *overrides)
-    import torch
 
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     stopped = int(state["iteration"])
@@ -183,8 +215,6 @@ def test_the_learning_rate_decays_over_whichever_budget_runs_out_first():
 
 def test_a_resumed_run_continues_the_scene_stream_it_left_however_far_it_got():
     import itertools
-
-    import torch
 
     from training.train import build_dataset
 

@@ -12,6 +12,11 @@ embeddings interpolate well to segmentation inputs.
     python training/pretrain_clip.py --model toy-convnext --out assets/clip-toy-convnext \
         --steps 1800 --minutes 80
 
+``--init-text`` / ``--init-image`` start a tower from another toy CLIP's weights (the text towers
+of the toy CLIPs share one config), and ``--lock-text`` freezes the text tower, as open_clip's
+``--lock-text`` does: the image tower then learns to land on text embeddings that already tell
+all 312 classes apart (LiT's recipe with the towers' roles swapped).
+
 The output folder is an open_clip ``local-dir:`` model (``open_clip_config.json`` and
 ``open_clip_model.safetensors``) and ``metrics.json``; checkpoints (for ``--resume`` after an
 interruption: just run the same command again) and ``train_log.csv`` go to ``--run-dir``.
@@ -146,6 +151,36 @@ def evaluate(
     }
 
 
+def is_text_parameter(name: str) -> bool:
+    """Whether an open_clip CLIP state-dict key belongs to the text tower (``logit_scale`` and
+    ``logit_bias`` belong to neither)."""
+    return not name.startswith("visual.") and not name.startswith("logit_")
+
+
+def initialise_tower(backbone: ClipBackbone, source: Path, *, text: bool) -> int:
+    """Copy the text (or image) tower of the toy CLIP at ``source`` (an open_clip local-dir
+    folder or its ``.safetensors``) into ``backbone``; returns how many tensors were copied.
+
+    Raises ValueError when ``source`` has no such tower or its shapes differ.
+    """
+    from safetensors.torch import load_file
+
+    path = source / "open_clip_model.safetensors" if source.is_dir() else source
+    weights = load_file(path)
+    own = backbone.model.state_dict()
+    part = {k: v for k, v in weights.items() if is_text_parameter(k) == text and k in own}
+    mismatched = [k for k, v in part.items() if v.shape != own[k].shape]
+    wanted = [k for k in own if is_text_parameter(k) == text]
+    if not part or mismatched or len(part) != len(wanted):
+        tower = "text" if text else "image"
+        detail = f"shapes differ for {mismatched[:3]}" if mismatched else "keys differ"
+        raise ValueError(f"{path} has no {tower} tower matching --model's ({detail})")
+    with torch.no_grad():
+        for name, value in part.items():
+            own[name].copy_(value)
+    return len(part)
+
+
 def save_model(backbone: ClipBackbone, config_name: str, out: Path) -> None:
     """Write an open_clip local-dir folder: config with preprocessing, fp16 weights."""
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +222,15 @@ def main() -> None:
     )
     parser.add_argument("--scene-fraction", type=float, default=0.35)
     parser.add_argument("--eval-images-per-class", type=int, default=4)
+    parser.add_argument(
+        "--init-text", type=Path, default=None, help="start the text tower from this toy CLIP"
+    )
+    parser.add_argument(
+        "--init-image", type=Path, default=None, help="start the image tower from this toy CLIP"
+    )
+    parser.add_argument(
+        "--lock-text", action="store_true", help="freeze the text tower (use with --init-text)"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -200,9 +244,18 @@ def main() -> None:
     run_dir = args.run_dir or Path("runs") / f"pretrain-{args.model}"
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
+    if args.init_text is not None:
+        initialise_tower(backbone, args.init_text, text=True)
+    if args.init_image is not None:
+        initialise_tower(backbone, args.init_image, text=False)
+    if args.lock_text:
+        for name, parameter in backbone.model.named_parameters():
+            if is_text_parameter(name):
+                parameter.requires_grad_(False)
 
-    decay = [p for n, p in backbone.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in backbone.named_parameters() if p.ndim < 2 or "embedding" in n]
+    trained = [(n, p) for n, p in backbone.model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trained if p.ndim < 2 or "embedding" in n]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": args.weight_decay},
@@ -250,12 +303,13 @@ def main() -> None:
             use_large = backbone.kind == "vit" and rng.random() < args.large_fraction
             pixels, captions, keys = next(large if use_large else small)
             image_embeddings = backbone.encode_image(backbone.normalize(pixels)).global_embedding
-            text_embeddings = backbone._encode_tokens(backbone.tokenizer(captions))
+            with torch.set_grad_enabled(not args.lock_text):
+                text_embeddings = backbone._encode_tokens(backbone.tokenizer(captions))
             scale = backbone.model.logit_scale.exp().clamp(max=100)
             loss = contrastive_loss(image_embeddings, text_embeddings, keys, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(backbone.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
             optimizer.step()
             step += 1
             progress.update(1)
