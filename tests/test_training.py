@@ -109,6 +109,44 @@ def test_pretrain_sam_runs_and_its_weights_load(tmp_path):
 
     assert build_sam(None, stem).image_size == 256
 
+    # Calibrate only the IoU head of those weights: nothing else may move.
+    calibrated = tmp_path / "calibrated"
+    run(
+        sys.executable, "training/pretrain_sam.py", "--out", str(calibrated), "--init", str(stem),
+        "--train-parts", "iou-head", "--run-dir", str(tmp_path / "run-iou"), "--steps", "2",
+        "--scenes", "2", "--prompts-per-scene", "2", "--eval-scenes", "1", "--lr", "0.01",
+    )  # fmt: skip
+    before = build_sam(None, stem).state_dict()
+    after = build_sam(None, calibrated).state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("iou_prediction_head" in name for name in changed)
+
+
+def test_sam_learns_the_predicted_iou_of_every_mask_not_only_the_best(monkeypatch):
+    sys.path.insert(0, str(REPO / "training"))
+    from pretrain_sam import train_step
+
+    from ovseg.backbones import build_sam
+
+    sam = build_sam("toy")
+    targets = torch.zeros(2, 1, 64, 64)
+    targets[:, :, 8:24, 8:24] = 1.0
+    logits = torch.randn(2, 3, 64, 64, requires_grad=True)
+    predicted_iou = torch.rand(2, 3, requires_grad=True)
+    monkeypatch.setattr(sam, "encode_image", lambda pixels: torch.zeros(1, 128, 16, 16))
+    monkeypatch.setattr(sam, "decode", lambda *args, **kwargs: (logits, predicted_iou))
+    batch = {
+        "pixels": torch.zeros(1, 3, 256, 256),
+        "row_image": torch.tensor([0, 0]),
+        "targets": targets,
+        "kind": "points",
+        "points": (torch.full((2, 1, 2), 64.0), torch.ones(2, 1)),
+    }
+    loss, _ = train_step(sam, batch)
+    loss.backward()
+    assert (predicted_iou.grad != 0).all()  # all three masks of both prompts
+    assert ((logits.grad != 0).flatten(2).any(-1).sum(1) == 1).all()  # the mask loss: best only
+
 
 def test_train_resumes_from_its_checkpoint_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"

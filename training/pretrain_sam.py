@@ -158,7 +158,11 @@ def train_step(sam: SamBackbone, batch: dict) -> tuple[torch.Tensor, dict]:
     best = mask_losses.argmin(dim=1, keepdim=True)  # SAM back-propagates only the best of M masks
     mask_loss = mask_losses.gather(1, best).mean()
     actual_iou = mask_iou(logits.detach(), targets)
-    iou_loss = F.mse_loss(predicted_iou.gather(1, best), actual_iou.gather(1, best))
+    # Every mask's IoU is predicted, not only the best one's: at inference the predicted IoU
+    # picks among the masks, so it must learn that the others are worse. (Trained on the best
+    # mask alone, the toy SAM scored its stuff-sized mask 0.85 for a point on a thing and chose
+    # it, 0.5% thing mIoU, although its smallest mask reached 13%.)
+    iou_loss = F.mse_loss(predicted_iou, actual_iou)
     stats = {
         "mask_loss": mask_loss.item(),
         "iou_loss": iou_loss.item(),
@@ -217,14 +221,27 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=8, help="scenes per batch")
     parser.add_argument("--prompts-per-scene", type=int, default=8)
     parser.add_argument("--eval-scenes", type=int, default=100)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="start from these SAM weights (path stem)"
+    )
+    parser.add_argument(
+        "--train-parts",
+        choices=["all", "iou-head"],
+        default="all",
+        help="iou-head: train only the IoU prediction head, everything else frozen",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    sam = build_sam(args.config)
+    sam = build_sam(args.config, args.init) if args.init else build_sam(args.config)
     sam.train()
+    if args.train_parts == "iou-head":
+        for name, parameter in sam.named_parameters():
+            parameter.requires_grad_("iou_prediction_head" in name)
+    trained = [p for p in sam.parameters() if p.requires_grad]
     world = ToyWorld(image_size=sam.image_size)
-    optimizer = torch.optim.AdamW(sam.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.run_dir / "checkpoint.pt"
     step, previous_seconds = load_checkpoint(checkpoint_path, sam, optimizer)
@@ -254,7 +271,7 @@ def main() -> None:
             loss, stats = train_step(sam, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             step += 1
             progress.update(1)
