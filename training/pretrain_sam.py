@@ -302,6 +302,8 @@ def main() -> None:
             "steps": step,
             "scenes_per_batch": args.scenes,
             "prompts_per_scene": args.prompts_per_scene,
+            "init": str(args.init) if args.init else None,
+            "train_parts": args.train_parts,
         }
     )
     args.out.with_name(args.out.name + ".metrics.json").write_text(
