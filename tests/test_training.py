@@ -47,7 +47,7 @@ def test_pretrain_clip_runs_checkpoints_and_writes_an_open_clip_folder(tmp_path)
     result = run(
         sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext", "--out", str(out),
         "--run-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
-        "--checkpoint-every", "1", "--eval-images-per-class", "1",
+        "--checkpoint-every", "1", "--eval-images-per-class", "1", "--eval-templates", "single",
     )  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and 0 <= metrics["zero_shot_top1_unseen"] <= 100
@@ -66,6 +66,7 @@ def test_pretrain_clip_starts_towers_from_another_toy_clip_and_locks_the_text_to
     from safetensors.torch import load_file
 
     tiny = ["--steps", "1", "--batch-size", "4", "--eval-images-per-class", "1"]
+    tiny += ["--eval-templates", "single"]
     vit = tmp_path / "vit"
     run(sys.executable, "training/pretrain_clip.py", "--model", "toy-vit", "--out", str(vit),
         "--run-dir", str(tmp_path / "run-vit"), *tiny)  # fmt: skip
@@ -76,7 +77,8 @@ def test_pretrain_clip_starts_towers_from_another_toy_clip_and_locks_the_text_to
     run(
         sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext", "--out", str(out),
         "--run-dir", str(tmp_path / "run-lit"), "--init-text", str(vit), "--init-image",
-        str(convnext / "open_clip_model.safetensors"), "--lock-text", "--lr", "0.01", *tiny,
+        str(convnext / "open_clip_model.safetensors"), "--lock-text", "--lr", "0.01",
+        "--distill-from", str(vit), *tiny,
     )  # fmt: skip
     source, start, trained = (
         load_file(folder / "open_clip_model.safetensors") for folder in (vit, convnext, out)
@@ -266,3 +268,21 @@ def test_a_resumed_run_continues_the_scene_stream_it_left_however_far_it_got():
     # iteration 1,000 used to ask for seed 10**9 and fail).
     late, _, _ = build_dataset(spec, seed=3, start=6000 * 4 * 8)
     assert next(iter(late))["labels"].shape == (32, 32)
+
+
+def test_the_distillation_loss_is_zero_for_the_teachers_own_embeddings():
+    sys.path.insert(0, str(REPO / "training"))
+    from pretrain_clip import distillation_loss
+
+    from ovseg.backbones import load_backbone
+
+    teacher = load_backbone("toy-vit", "random").eval()
+    pixels = torch.rand(3, 3, 96, 96)  # the teacher sees them at its own 64 px
+    small = torch.nn.functional.interpolate(pixels, (64, 64), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        own = teacher.encode_image(teacher.normalize(small)).global_embedding
+    assert distillation_loss(own * 3, teacher, pixels).item() < 1e-5  # cosine ignores the scale
+    student = torch.randn(3, own.shape[-1], requires_grad=True)
+    loss = distillation_loss(student, teacher, pixels)
+    loss.backward()
+    assert 0 < loss.item() < 2 and student.grad.abs().sum() > 0

@@ -15,7 +15,10 @@ embeddings interpolate well to segmentation inputs.
 ``--init-text`` / ``--init-image`` start a tower from another toy CLIP's weights (the text towers
 of the toy CLIPs share one config), and ``--lock-text`` freezes the text tower, as open_clip's
 ``--lock-text`` does: the image tower then learns to land on text embeddings that already tell
-all 312 classes apart (LiT's recipe with the towers' roles swapped).
+all 312 classes apart (LiT's recipe with the towers' roles swapped). ``--distill-from`` adds a
+teacher CLIP whose text tower is the one locked in: the loss gains ``--distill-weight`` × (1 −
+cosine) between the student's and the teacher's image embeddings of the same images (the teacher
+sees them at its own pretraining size), as in CLIP distillation (TinyCLIP, CLIP-KD).
 
 The output folder is an open_clip ``local-dir:`` model (``open_clip_config.json`` and
 ``open_clip_model.safetensors``) and ``metrics.json``; checkpoints (for ``--resume`` after an
@@ -38,7 +41,7 @@ from common import BudgetSchedule, add_budget_arguments, load_checkpoint, save_c
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone
+from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone, load_clip
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, ToyWorld
 
 CAPTION_TEMPLATES = (
@@ -111,11 +114,16 @@ def contrastive_loss(
 
 @torch.no_grad()
 def evaluate(
-    backbone: ClipBackbone, world: ToyWorld, *, images_per_class: int, image_size: int
+    backbone: ClipBackbone,
+    world: ToyWorld,
+    *,
+    images_per_class: int,
+    image_size: int,
+    templates: str = "imagenet",
 ) -> dict:
     """Zero-shot top-1 on single-class images over the whole vocabulary, and the modality gap."""
     backbone.eval()
-    text = backbone.encode_text([(c.name, *c.synonyms) for c in world.classes], "imagenet").mean
+    text = backbone.encode_text([(c.name, *c.synonyms) for c in world.classes], templates).mean
     labels, image_embeddings = [], []
     for class_id in range(len(world.classes)):
         for repeat in range(images_per_class):
@@ -149,6 +157,20 @@ def evaluate(
         "mean_cosine_image_image": image_image,
         "mean_cosine_text_text": text_text,
     }
+
+
+def distillation_loss(
+    image_embeddings: torch.Tensor, teacher: ClipBackbone, pixels: torch.Tensor
+) -> torch.Tensor:
+    """Mean (1 − cosine) between the student's image embeddings and the teacher's of the same
+    images (B×3×S×S in [0, 1]), resized to the teacher's pretraining size."""
+    with torch.no_grad():
+        if pixels.shape[-1] != teacher.image_size:
+            size = (teacher.image_size, teacher.image_size)
+            pixels = F.interpolate(pixels, size, mode="bilinear", antialias=True).clamp(0, 1)
+        target = teacher.encode_image(teacher.normalize(pixels)).global_embedding
+    cosine = F.cosine_similarity(image_embeddings, target, dim=-1)
+    return (1 - cosine).mean()
 
 
 def is_text_parameter(name: str) -> bool:
@@ -223,6 +245,12 @@ def main() -> None:
     parser.add_argument("--scene-fraction", type=float, default=0.35)
     parser.add_argument("--eval-images-per-class", type=int, default=4)
     parser.add_argument(
+        "--eval-templates",
+        choices=["imagenet", "short", "single"],
+        default="imagenet",
+        help="prompt templates of the zero-shot evaluation (imagenet: CLIP's 80)",
+    )
+    parser.add_argument(
         "--init-text", type=Path, default=None, help="start the text tower from this toy CLIP"
     )
     parser.add_argument(
@@ -231,6 +259,13 @@ def main() -> None:
     parser.add_argument(
         "--lock-text", action="store_true", help="freeze the text tower (use with --init-text)"
     )
+    parser.add_argument(
+        "--distill-from",
+        type=Path,
+        default=None,
+        help="teacher toy CLIP folder (open_clip local-dir) whose image embeddings to match",
+    )
+    parser.add_argument("--distill-weight", type=float, default=1.0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -252,6 +287,15 @@ def main() -> None:
         for name, parameter in backbone.model.named_parameters():
             if is_text_parameter(name):
                 parameter.requires_grad_(False)
+
+    teacher = None
+    if args.distill_from is not None:
+        teacher = load_clip(f"local-dir:{args.distill_from}").eval().requires_grad_(False)
+        if teacher.embed_dim != backbone.embed_dim:
+            raise ValueError(
+                f"the teacher embeds in {teacher.embed_dim} dimensions, the student in "
+                f"{backbone.embed_dim}"
+            )
 
     trained = [(n, p) for n, p in backbone.model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
@@ -307,6 +351,10 @@ def main() -> None:
                 text_embeddings = backbone._encode_tokens(backbone.tokenizer(captions))
             scale = backbone.model.logit_scale.exp().clamp(max=100)
             loss = contrastive_loss(image_embeddings, text_embeddings, keys, scale)
+            if teacher is not None:
+                loss = loss + args.distill_weight * distillation_loss(
+                    image_embeddings, teacher, pixels
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
@@ -338,10 +386,20 @@ def main() -> None:
 
     save_model(backbone, config_name, args.out)
     metrics = evaluate(
-        backbone, world, images_per_class=args.eval_images_per_class, image_size=size
+        backbone,
+        world,
+        images_per_class=args.eval_images_per_class,
+        image_size=size,
+        templates=args.eval_templates,
     )
     metrics.update(
-        {"steps": step, "batch_size": args.batch_size, "image_size": size, "model": config_name}
+        {
+            "steps": step,
+            "batch_size": args.batch_size,
+            "image_size": size,
+            "model": config_name,
+            "eval_templates": args.eval_templates,
+        }
     )
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
