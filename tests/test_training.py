@@ -78,7 +78,8 @@ def test_pretrain_clip_starts_towers_from_another_toy_clip_and_locks_the_text_to
         sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext", "--out", str(out),
         "--run-dir", str(tmp_path / "run-lit"), "--init-text", str(vit), "--init-image",
         str(convnext / "open_clip_model.safetensors"), "--lock-text", "--lr", "0.01",
-        "--distill-from", str(vit), *tiny,
+        "--distill-from", str(vit), "--vocabulary-weight", "1", "--distill-logits-weight", "1",
+        *tiny,
     )  # fmt: skip
     source, start, trained = (
         load_file(folder / "open_clip_model.safetensors") for folder in (vit, convnext, out)
@@ -94,6 +95,10 @@ def test_pretrain_clip_starts_towers_from_another_toy_clip_and_locks_the_text_to
         run(sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext",
             "--out", str(tmp_path / "bad"), "--run-dir", str(tmp_path / "run-bad"),
             "--init-image", str(vit), *tiny)  # fmt: skip
+    with pytest.raises(AssertionError, match="need --lock-text"):  # the vocabulary would drift
+        run(sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext",
+            "--out", str(tmp_path / "bad"), "--run-dir", str(tmp_path / "run-bad"),
+            "--vocabulary-weight", "1", *tiny)  # fmt: skip
 
 
 def test_pretrain_sam_runs_and_its_weights_load(tmp_path):
@@ -286,3 +291,30 @@ def test_the_distillation_loss_is_zero_for_the_teachers_own_embeddings():
     loss = distillation_loss(student, teacher, pixels)
     loss.backward()
     assert 0 < loss.item() < 2 and student.grad.abs().sum() > 0
+
+
+def test_the_vocabulary_losses_reward_the_right_class_and_the_teachers_distribution():
+    sys.path.insert(0, str(REPO / "training"))
+    from pretrain_clip import vocabulary_losses
+
+    torch.manual_seed(0)
+    vocabulary = torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
+    keys = torch.tensor([3, 7, -1, -2])  # two single-class images, two scenes
+    scale = torch.tensor(50.0)
+    right = torch.cat([vocabulary[[3, 7]], torch.randn(2, 16)]) * 2
+    wrong = torch.cat([vocabulary[[4, 1]], right[2:]])
+    right_ce, no_kl = vocabulary_losses(right, vocabulary, keys, scale)
+    wrong_ce, _ = vocabulary_losses(wrong, vocabulary, keys, scale)
+    assert right_ce.item() < 0.1 < 10 < wrong_ce.item() and no_kl.item() == 0
+    # Only the single-class images count: scenes change nothing, and a batch of scenes gives 0.
+    shuffled = torch.cat([right[:2], torch.randn(2, 16)])
+    assert vocabulary_losses(shuffled, vocabulary, keys, scale)[0].item() == right_ce.item()
+    scenes = vocabulary_losses(right, vocabulary, torch.tensor([-1, -2, -3, -4]), scale)[0]
+    assert scenes.item() == 0
+
+    student = torch.randn(4, 16, requires_grad=True)
+    _, self_kl = vocabulary_losses(student, vocabulary, keys, scale, student.detach() * 5)
+    assert abs(self_kl.item()) < 1e-5  # the teacher's own distribution (scale-free embeddings)
+    cross_entropy, kl = vocabulary_losses(student, vocabulary, keys, scale, torch.randn(4, 16))
+    (cross_entropy + kl).backward()
+    assert kl.item() > 0 and student.grad.abs().sum() > 0

@@ -20,6 +20,13 @@ teacher CLIP whose text tower is the one locked in: the loss gains ``--distill-w
 cosine) between the student's and the teacher's image embeddings of the same images (the teacher
 sees them at its own pretraining size), as in CLIP distillation (TinyCLIP, CLIP-KD).
 
+With the text tower locked, the caption embeddings of every class are fixed, so two more terms
+can use all 312 at once rather than the classes a batch happens to hold: ``--vocabulary-weight``
+× the cross-entropy of each single-class image over every class's caption embedding (in-batch
+InfoNCE with the whole caption vocabulary as negatives), and ``--distill-logits-weight`` × the
+KL divergence from the teacher's class distribution to the student's over that vocabulary
+(CLIP-KD's relation distillation with the classes as the shared text side).
+
 The output folder is an open_clip ``local-dir:`` model (``open_clip_config.json`` and
 ``open_clip_model.safetensors``) and ``metrics.json``; checkpoints (for ``--resume`` after an
 interruption: just run the same command again) and ``train_log.csv`` go to ``--run-dir``.
@@ -159,18 +166,57 @@ def evaluate(
     }
 
 
+@torch.no_grad()
+def teacher_embeddings(teacher: ClipBackbone, pixels: torch.Tensor) -> torch.Tensor:
+    """The teacher's image embeddings of images B×3×S×S in [0, 1], resized to its pretraining
+    size."""
+    if pixels.shape[-1] != teacher.image_size:
+        size = (teacher.image_size, teacher.image_size)
+        pixels = F.interpolate(pixels, size, mode="bilinear", antialias=True).clamp(0, 1)
+    return teacher.encode_image(teacher.normalize(pixels)).global_embedding
+
+
 def distillation_loss(
-    image_embeddings: torch.Tensor, teacher: ClipBackbone, pixels: torch.Tensor
+    image_embeddings: torch.Tensor,
+    teacher: ClipBackbone,
+    pixels: torch.Tensor,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (1 − cosine) between the student's image embeddings and the teacher's of the same
-    images (B×3×S×S in [0, 1]), resized to the teacher's pretraining size."""
-    with torch.no_grad():
-        if pixels.shape[-1] != teacher.image_size:
-            size = (teacher.image_size, teacher.image_size)
-            pixels = F.interpolate(pixels, size, mode="bilinear", antialias=True).clamp(0, 1)
-        target = teacher.encode_image(teacher.normalize(pixels)).global_embedding
+    images (B×3×S×S in [0, 1]), resized to the teacher's pretraining size (or ``target``, the
+    teacher's embeddings when already computed)."""
+    if target is None:
+        target = teacher_embeddings(teacher, pixels)
     cosine = F.cosine_similarity(image_embeddings, target, dim=-1)
     return (1 - cosine).mean()
+
+
+def vocabulary_losses(
+    image_embeddings: torch.Tensor,
+    vocabulary: torch.Tensor,
+    keys: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_embeddings: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, teacher KL) of image embeddings B×D against the class embeddings K×D.
+
+    The cross-entropy covers the single-class images (``keys >= 0``; zero when there are none);
+    the KL from the teacher's softmax to the student's covers every image (zero without a
+    teacher). Both use the same logit ``scale``.
+    """
+    logits = scale * F.normalize(image_embeddings, dim=-1) @ F.normalize(vocabulary, dim=-1).T
+    single = keys >= 0
+    cross_entropy = (
+        F.cross_entropy(logits[single], keys[single]) if single.any() else logits.sum() * 0
+    )
+    if teacher_embeddings is None:
+        return cross_entropy, logits.sum() * 0
+    with torch.no_grad():
+        target = scale * F.normalize(teacher_embeddings, dim=-1) @ F.normalize(vocabulary, dim=-1).T
+    kl = F.kl_div(
+        logits.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    return cross_entropy, kl
 
 
 def is_text_parameter(name: str) -> bool:
@@ -266,7 +312,23 @@ def main() -> None:
         help="teacher toy CLIP folder (open_clip local-dir) whose image embeddings to match",
     )
     parser.add_argument("--distill-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--vocabulary-weight",
+        type=float,
+        default=0.0,
+        help="weight of the cross-entropy over every class's caption embedding (needs --lock-text)",
+    )
+    parser.add_argument(
+        "--distill-logits-weight",
+        type=float,
+        default=0.0,
+        help="weight of the teacher-to-student KL over the class vocabulary (needs --distill-from)",
+    )
     args = parser.parse_args()
+    if (args.vocabulary_weight or args.distill_logits_weight) and not args.lock_text:
+        parser.error("--vocabulary-weight and --distill-logits-weight need --lock-text")
+    if args.distill_logits_weight and args.distill_from is None:
+        parser.error("--distill-logits-weight needs --distill-from")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -296,6 +358,13 @@ def main() -> None:
                 f"the teacher embeds in {teacher.embed_dim} dimensions, the student in "
                 f"{backbone.embed_dim}"
             )
+
+    vocabulary = None
+    if args.vocabulary_weight or args.distill_logits_weight:
+        # Fixed while the text tower is locked: every class's names under the caption templates.
+        with torch.no_grad():
+            names = tuple((c.name, *c.synonyms) for c in world.classes)
+            vocabulary = backbone.encode_text(names, CAPTION_TEMPLATES).mean
 
     trained = [(n, p) for n, p in backbone.model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
@@ -352,9 +421,16 @@ def main() -> None:
             scale = backbone.model.logit_scale.exp().clamp(max=100)
             loss = contrastive_loss(image_embeddings, text_embeddings, keys, scale)
             if teacher is not None:
+                target = teacher_embeddings(teacher, pixels)
                 loss = loss + args.distill_weight * distillation_loss(
-                    image_embeddings, teacher, pixels
+                    image_embeddings, teacher, pixels, target
                 )
+            if vocabulary is not None:
+                cross_entropy, kl = vocabulary_losses(
+                    image_embeddings, vocabulary, keys, scale, target if teacher else None
+                )
+                loss = loss + args.vocabulary_weight * cross_entropy
+                loss = loss + args.distill_logits_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)
