@@ -9,8 +9,11 @@ embeddings interpolate well to segmentation inputs.
 
     python training/pretrain_clip.py --model toy-vit --out assets/clip-toy-vit \
         --steps 1100 --minutes 85 --large-fraction 0.15
-    python training/pretrain_clip.py --model toy-convnext --out assets/clip-toy-convnext \
+    python training/pretrain_clip.py --model toy-convnext --out runs/clip-toy-convnext \
         --steps 1800 --minutes 80
+
+(the ViT's first run, then the ConvNeXt's first stage; the shipped ConvNeXt continues from it in
+three more stages with the options below, README "Shipped weights and how they were made").
 
 ``--init-text`` / ``--init-image`` start a tower from another toy CLIP's weights (the text towers
 of the toy CLIPs share one config), and ``--lock-text`` freezes the text tower, as open_clip's
