@@ -28,7 +28,7 @@ def test_shipped_toy_clips_classify_held_out_sprites_far_above_chance(alias, wor
         text = backbone.encode_text(vocabulary, "short").mean
         image = backbone.encode_image(backbone.normalize(pixels)).global_embedding
     accuracy = ((image @ text.T).argmax(1) == torch.arange(len(class_ids))).float().mean().item()
-    assert accuracy > 0.5  # chance is 1/63 (random weights: 0-3%); README: 312-class figures
+    assert accuracy > 0.7  # chance is 1/63 (random weights: 0-3%); README: 312-class figures
 
 
 def test_dense_clip_on_the_bundled_examples_finds_the_big_regions():
