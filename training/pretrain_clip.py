@@ -199,23 +199,23 @@ def vocabulary_losses(
     vocabulary: torch.Tensor,
     keys: torch.Tensor,
     scale: torch.Tensor,
-    teacher_embeddings: torch.Tensor | None = None,
+    teacher_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, teacher KL) of image embeddings B×D against the class embeddings K×D.
 
     The cross-entropy covers the single-class images (``keys >= 0``; zero when there are none);
-    the KL from the teacher's softmax to the student's covers every image (zero without a
-    teacher). Both use the same logit ``scale``.
+    the KL from the softmax of the teacher's image embeddings ``teacher_targets`` to the student's
+    covers every image (zero without them). Both use the same logit ``scale``.
     """
     logits = scale * F.normalize(image_embeddings, dim=-1) @ F.normalize(vocabulary, dim=-1).T
     single = keys >= 0
     cross_entropy = (
         F.cross_entropy(logits[single], keys[single]) if single.any() else logits.sum() * 0
     )
-    if teacher_embeddings is None:
+    if teacher_targets is None:
         return cross_entropy, logits.sum() * 0
     with torch.no_grad():
-        target = scale * F.normalize(teacher_embeddings, dim=-1) @ F.normalize(vocabulary, dim=-1).T
+        target = scale * F.normalize(teacher_targets, dim=-1) @ F.normalize(vocabulary, dim=-1).T
     kl = F.kl_div(
         logits.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="batchmean"
     )
@@ -430,7 +430,11 @@ def main() -> None:
                 )
             if vocabulary is not None:
                 cross_entropy, kl = vocabulary_losses(
-                    image_embeddings, vocabulary, keys, scale, target if teacher else None
+                    image_embeddings,
+                    vocabulary,
+                    keys,
+                    scale,
+                    target if args.distill_logits_weight else None,  # needs --distill-from
                 )
                 loss = loss + args.vocabulary_weight * cross_entropy
                 loss = loss + args.distill_logits_weight * kl
