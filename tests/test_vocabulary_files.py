@@ -253,3 +253,36 @@ def test_ade150_names_appear_in_ade847():
     ade847_names = {s for entry in _load("ade-847")["classes"] for s in entry}
     missing = [p for p in _primaries("ade-150") if p not in ade847_names]
     assert missing == []
+
+
+# The reviewed tables beside the vocabularies (see README.md there).
+
+
+def _table(name):
+    with open(VOCAB_DIR / f"{name}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_every_overlap_key_is_a_class_and_every_value_a_coco_stuff_class():
+    coco = _primaries("coco-stuff-171")
+    tables = _table("coco-stuff-overlap")["benchmarks"]
+    assert set(tables) == set(EXPECTED)
+    for name, table in tables.items():
+        classes = {", ".join(entry) for entry in _load(name)["classes"]}
+        assert set(table) <= classes, (name, set(table) - classes)
+        for key, mapped in table.items():
+            assert mapped and len(set(mapped)) == len(mapped), (name, key)
+            assert set(mapped) <= set(coco), (name, key, mapped)
+            assert mapped == sorted(mapped, key=coco.index), (name, key)
+    assert tables["coco-stuff-171"] == {name: [name] for name in coco}
+
+
+def test_every_natural_name_override_respells_a_class_of_its_benchmark():
+    overrides = _table("natural-names")["overrides"]
+    assert set(overrides) <= set(EXPECTED)
+    for name, table in overrides.items():
+        names = {synonym for entry in _load(name)["classes"] for synonym in entry}
+        assert set(table) <= names, (name, set(table) - names)
+        for raw, natural in table.items():
+            assert natural != raw and natural == " ".join(natural.split()), (name, raw)
+            assert natural.isascii() and natural == natural.lower() and "_" not in natural

@@ -221,7 +221,8 @@ def zero_shot_split(name: str) -> tuple[list[int], list[int]]:
         raise ValueError(
             f"{name!r} has no zero-shot split; datasets with one: {', '.join(ZERO_SHOT_UNSEEN)}."
         )
-    vocabulary = load_vocabulary(dataset_info(name).vocabulary)
+    # ZegCLIP's unseen lists use the benchmarks' own spellings ("pottedplant").
+    vocabulary = load_vocabulary(dataset_info(name).vocabulary, raw=True)
     unseen = sorted(vocabulary.names.index(class_name) for class_name in ZERO_SHOT_UNSEEN[name])
     seen = [i for i in range(len(vocabulary)) if i not in set(unseen)]
     return seen, unseen
