@@ -108,6 +108,20 @@ def test_text_cache_misses_after_the_text_weights_change():
     torch.testing.assert_close(after.mean, -before.mean)
 
 
+def test_a_mixed_precision_text_encoding_never_answers_a_float32_call():
+    backbone = load_backbone("toy-vit", "random")
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = backbone.encode_text(["cat", "dog"], "single")
+        full = backbone.encode_text(["cat", "dog"], "single")
+        reference = load_backbone("toy-vit", "random")
+        reference.load_state_dict(backbone.state_dict())
+        expected = reference.encode_text(["cat", "dog"], "single")
+    assert full is not mixed
+    assert full.mean.dtype == torch.float32
+    assert torch.equal(full.mean, expected.mean)
+
+
 def test_text_embeddings_carry_gradients_when_the_text_tower_trains(toy_vit):
     text = toy_vit.encode_text(["cat"], "single")
     assert text.mean.requires_grad

@@ -1,5 +1,6 @@
 """Trained heads go out as safetensors + JSON config and come back in by path or hub name."""
 
+import copy
 import shutil
 
 import huggingface_hub
@@ -14,12 +15,14 @@ from ovseg.methods.base import save_weights, weights_file
 @pytest.fixture
 def saved_dcp_clip(tmp_path, toy_vit):
     """A DCP-CLIP head with non-default architecture settings, saved the way train.py saves it."""
-    method = ovseg.load("dcp-clip", backbone=toy_vit, input_size=64, cost_dim=32, window_size=4)
+    clip = copy.deepcopy(toy_vit)  # training changes the CLIP; the session's stays as it is
+    method = ovseg.load("dcp-clip", backbone=clip, input_size=64, cost_dim=32, window_size=4)
+    method.train()  # sets what training changes: the head and CLIP's Q/V and position embeddings
     with torch.no_grad():
         for parameter in method.parameters():
-            if parameter.requires_grad:  # what training changes; frozen CLIP tensors stay put
+            if parameter.requires_grad:
                 parameter.add_(0.01)
-    return method, save_weights(method, tmp_path / "heads" / "dcp-clip-custom")
+    return method.eval(), save_weights(method, tmp_path / "heads" / "dcp-clip-custom")
 
 
 def fake_hub(folder, calls):
@@ -71,6 +74,7 @@ def test_bad_hub_names_and_missing_hub_files_are_weights_errors(tmp_path, monkey
 def test_saved_weights_leave_out_the_frozen_clip_but_keep_what_was_fine_tuned(saved_dcp_clip):
     from safetensors import safe_open
 
+    from ovseg.backbones.finetune import fused_state_name
     from ovseg.methods.base import frozen_pretrained_keys
 
     method, path = saved_dcp_clip
@@ -79,8 +83,11 @@ def test_saved_weights_leave_out_the_frozen_clip_but_keep_what_was_fine_tuned(sa
     frozen = frozen_pretrained_keys(method)
     assert frozen and not saved & frozen
     tuned = {
-        n for n, p in method.named_parameters() if p.requires_grad and n.startswith("backbone")
+        fused_state_name(n)
+        for n, p in method.named_parameters()
+        if p.requires_grad and n.startswith("backbone")
     }
+    assert "backbone.model.visual.transformer.resblocks.0.attn.in_proj_weight" in tuned
     assert tuned and tuned <= saved  # CLIP's fine-tuned Q/V rows travel with the head
     assert saved | frozen == set(method.state_dict())
 

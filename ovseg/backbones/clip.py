@@ -367,8 +367,9 @@ class ClipBackbone(nn.Module):
             templates: a template set name (``"imagenet"``: 80, ``"short"``: 7, ``"single"``) or
                 explicit templates containing ``{}``.
 
-        Results are cached by (model, weights, vocabulary, templates, device, dtype) when no
-        gradient flows into the text tower; a changed vocabulary or updated weights miss the cache.
+        Results are cached by (model, weights, vocabulary, templates, device, dtype, autocast
+        dtype) when no gradient flows into the text tower; a changed vocabulary or updated weights
+        miss the cache, and an encoding made under mixed precision never answers an fp32 call.
         Each class's embeddings are also cached on their own, so a vocabulary that shares classes
         with an earlier one only encodes its new classes.
         """
@@ -385,6 +386,7 @@ class ClipBackbone(nn.Module):
             template_tuple,
             parameter.device,
             parameter.dtype,
+            _autocast_dtype(parameter.device),
         )
         key = (*context, classes)
         if not needs_grad and key in self._text_cache:
@@ -459,6 +461,13 @@ class ClipBackbone(nn.Module):
     @property
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp()
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` now, or None outside autocast."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
 
 
 def _has_text_projection(model: nn.Module) -> bool:

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import ovseg.backbones
 from ovseg.backbones import ClipBackbone, WeightsError
+from ovseg.backbones.finetune import fused_state_name, trainable_state_names
 from ovseg.errors import OptionError, UnknownMethodError
 
 IGNORE_INDEX = 255
@@ -86,6 +88,9 @@ class SegmentationMethod(nn.Module):
     # Submodules rebuilt from pretrained weights at load time: their frozen tensors are not saved
     # with the method's weights (see :func:`save_weights`).
     pretrained_prefixes: ClassVar[tuple[str, ...]] = ("backbone",)
+    # What of the CLIP a method fine-tunes, for methods that set it when trained
+    # (ovseg.backbones.finetune); None: the CLIP's ``requires_grad`` flags say it.
+    clip_finetuning_scope: str | None = None
 
     def clear_caches(self) -> None:
         """Forget the vocabulary encodings cached in memory (text embeddings, and for DPSeg its
@@ -157,7 +162,12 @@ def frozen_pretrained_keys(method: SegmentationMethod) -> set[str]:
             module = method.get_submodule(prefix)
         except AttributeError:
             continue
-        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        if prefix == "backbone" and method.clip_finetuning_scope is not None:
+            trainable = trainable_state_names(module.state_dict(), method.clip_finetuning_scope)
+        else:
+            trainable = {
+                fused_state_name(name) for name, p in module.named_parameters() if p.requires_grad
+            }
         keys.update(f"{prefix}.{name}" for name in module.state_dict() if name not in trainable)
     return keys
 
@@ -246,6 +256,50 @@ def weights_file(path: str | os.PathLike) -> Path:
     """``path`` as a ``.safetensors`` file (``save_weights`` stems work too)."""
     path = Path(path)
     return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def shipped_weights_for(
+    backbone: str | ClipBackbone | None, pretrained: str | None, filename: str
+) -> Path | None:
+    """The shipped toy head ``assets/<filename>`` if it belongs to the CLIP the method is built
+    on, else None.
+
+    A shipped head was trained on one shipped ToyWorld CLIP, the one named in the config saved
+    beside it (``"toy-vit"``). A random CLIP of the same architecture has the same open_clip name
+    but none of the features the head learnt, so the check is on where the CLIP's weights came
+    from, not on its name.
+
+    Arguments:
+        backbone: the :class:`ClipBackbone` the method will share (its recorded source must be
+            the shipped folder that :func:`ovseg.backbones.load_backbone` loads,
+            ``local-dir:<assets>/clip-toy-vit``; ``pretrained`` is then ignored), or the name or
+            alias the builder will load with ``pretrained`` (the shipped CLIP's alias with
+            ``pretrained=None``, or its ``local-dir:`` folder).
+        pretrained: the weights setting a named backbone is loaded with.
+        filename: the head's file name in the assets folder.
+
+    Raises:
+        WeightsError: the head's saved config is unreadable.
+    """
+    path = ovseg.backbones.ASSETS_DIR / filename
+    record = path.with_suffix(".json")
+    if not path.is_file() or not record.is_file():
+        return None
+    try:
+        alias = json.loads(record.read_text()).get("config", {}).get("backbone")
+    except (OSError, ValueError, AttributeError) as error:
+        raise WeightsError(f"{record} is not a readable config: {error}.") from error
+    if alias not in ovseg.backbones.TOY_CLIPS:
+        return None
+    if isinstance(backbone, ClipBackbone):
+        backbone, pretrained = backbone.name, backbone.pretrained
+    if backbone == alias and pretrained is None:
+        return path
+    if isinstance(backbone, str) and backbone.startswith("local-dir:"):
+        folder = Path(backbone.removeprefix("local-dir:")).resolve()
+        if folder == ovseg.backbones.toy_clip_dir(alias).resolve():
+            return path
+    return None
 
 
 def saved_config(
