@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ovseg.backbones import WeightsError, load_backbone
+from ovseg.backbones import ASSETS_DIR, WeightsError, load_backbone
 from ovseg.methods import ldvc as ldvc_module  # registers "ldvc" until ovseg.methods imports it
 from ovseg.methods.base import IGNORE_INDEX, save_weights
 from ovseg.methods.ldvc import (
@@ -362,6 +362,32 @@ def test_focal_and_dice_match_a_hand_computation():
     )
 
 
+def test_num_masks_is_the_mean_over_ddp_ranks(monkeypatch):
+    logits = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([[[0, 0], [1, 1]], [[2, 2], [2, IGNORE_INDEX]]])  # 3 masks here
+    local = focal_dice_loss(logits, target)
+    reduced = []
+
+    def all_reduce(tensor):  # the other rank holds 7 masks: the sum over ranks is 10
+        reduced.append(tensor.item())
+        tensor += 7.0
+
+    monkeypatch.setattr(ldvc_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ldvc_module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ldvc_module.dist, "all_reduce", all_reduce)
+    distributed = focal_dice_loss(logits, target)
+    assert reduced == [3.0]
+    for name in local:  # divided by the mean count over ranks, 5, instead of 3
+        torch.testing.assert_close(distributed[name], local[name] * 3 / 5)
+    # No mask on any rank: the normaliser stays at least 1.
+    monkeypatch.setattr(ldvc_module.dist, "all_reduce", lambda tensor: None)
+    empty = focal_dice_loss(logits, torch.full((2, 2, 2), IGNORE_INDEX))
+    p = logits.sigmoid()  # every pixel a negative: focal term 0.75 · p² · −ln(1 − p)
+    negatives = 0.75 * p**2 * -torch.log1p(-p)
+    torch.testing.assert_close(empty["loss_focal"], 100 * negatives.mean(dim=(2, 3)).sum())
+    assert empty["loss_dice"].item() == 0.0
+
+
 def test_num_masks_counts_present_image_class_pairs():
     logits = torch.zeros(2, 3, 2, 2)
     target = torch.tensor([[[0, 0], [1, 1]], [[2, 2], [2, IGNORE_INDEX]]])
@@ -408,16 +434,34 @@ def test_self_training_pseudo_labels_confident_ignored_pixels_with_unseen_classe
         torch.testing.assert_close(losses[name], expected[name])
 
 
-def test_drop_path_and_dropout_act_only_in_training(clip):
-    method = build_ldvc(backbone=clip, **TOY).eval()
+def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():
+    torch.manual_seed(0)
+    residual = torch.ones(4000, 3, 5)
+    dropped = ldvc_module._drop_path(residual, 0.25, training=True)
+    per_sample = dropped.flatten(1)
+    assert torch.equal(per_sample.amin(1), per_sample.amax(1))  # one decision per sample
+    values = per_sample[:, 0]
+    torch.testing.assert_close(values.unique(), torch.tensor([0.0, 4 / 3]))
+    assert (values == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert values.mean().item() == pytest.approx(1.0, abs=0.04)  # unbiased in expectation
+    assert torch.equal(ldvc_module._drop_path(residual, 0.25, training=False), residual)
+
+
+def test_drop_path_acts_on_the_frozen_vit_in_training_only(clip):
+    settings = {**TOY, "prompt_dropout": 0.0}  # so that drop-path is the only randomness
     batch = images(10)
     with torch.no_grad():
-        first, second = method.encode_image(batch).dense, method.encode_image(batch).dense
-        assert torch.equal(first, second)
-        method.train()
         torch.manual_seed(0)
-        noisy = method.encode_image(batch).dense
-    assert not torch.allclose(noisy, first)
+        plain = build_ldvc(backbone=clip, **settings, drop_path=0.0)
+        reference = plain.eval().encode_image(batch).dense
+        torch.testing.assert_close(plain.train().encode_image(batch).dense, reference)
+        dropping = build_ldvc(backbone=clip, **settings, drop_path=0.5)
+        dropping.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(dropping.eval().encode_image(batch).dense, reference)
+        dropping.train()
+        noisy = [dropping.encode_image(batch).dense for _ in range(2)]
+    assert not torch.allclose(noisy[0], reference, atol=1e-3)
+    assert not torch.allclose(noisy[0], noisy[1], atol=1e-3)
 
 
 # --------------------------------------------------------------------------- build, weights
@@ -457,7 +501,27 @@ def test_the_registry_builds_ldvc_with_the_toy_clip_by_default():
     method = ovseg.load("ldvc", pretrained="random", input_size=64, visual_prompt_tokens=2)
     assert method.name == "ldvc" and method.backbone.name == "ovseg-toy-vit"
     assert method.inter_layers == (3, 5)
-    assert ldvc_module.SHIPPED_WEIGHTS == "ldvc-toy.safetensors"
+    assert not method.trained_head  # the shipped head is not for a random CLIP
+
+
+@pytest.mark.skipif(
+    not (ASSETS_DIR / "ldvc-toy.safetensors").is_file()
+    or not (ASSETS_DIR / "clip-toy-vit").is_dir(),
+    reason="the shipped toy CLIP and LDVC head are not in assets/",
+)
+def test_the_shipped_head_attaches_to_the_shipped_toy_clip_only(clip):
+    # No settings are passed, so the shipped head's architecture always fits: only the CLIP
+    # decides whether it is used.
+    shipped_clip = load_backbone("toy-vit")
+    shipped = build_ldvc(backbone=shipped_clip)
+    assert shipped.trained_head and shipped.config.input_size == 128
+    assert shipped.backbone is not shipped_clip  # the caller's CLIP stays as it was
+    assert build_ldvc().trained_head and build_ldvc(backbone="toy-vit").trained_head
+    assert not build_ldvc(backbone=clip).trained_head  # the same architecture, random weights
+    assert not build_ldvc(backbone="toy-vit", pretrained="random").trained_head
+    assert not build_ldvc(backbone="ovseg-toy-vit").trained_head  # open_clip's name: random
+    with pytest.raises(UntrainedHeadError, match="fits only the shipped toy CLIP"):
+        build_ldvc(backbone=clip, input_size=64)(images(13), ["cat"])
 
 
 def test_toy_training_config_is_valid():

@@ -9,8 +9,13 @@ Benchmark mode: a checkpoint trained with a paper config, on the five cross-data
 python training/evaluate.py --config training/configs/paper/dcp-clip-vit-b-16-384.json \
     --weights runs/paper/dcp-clip-vit-b-16-384/final --benchmarks all --datasets-root datasets
 python training/evaluate.py --config training/configs/paper/ldvc-vit-b-16-512-voc.json \
-    --weights runs/paper/ldvc-vit-b-16-512-voc/final --zero-shot pascal-voc-20 \
-    --option seen_prob_offset=0.1
+    --weights runs/paper/ldvc-vit-b-16-512-voc/final --zero-shot pascal-voc-20
+
+Each method runs its paper's test-time protocol (``--inference paper``): LDVC slides 512 windows
+with stride 426 over images whose short side is 512 (ZegCLIP's), the others squash the whole image
+to their input size. The ``inference`` column says which ran. A ``seen_prob_offset`` in the
+config (LDVC's seen-class calibration) applies on every zero-shot split; ``--option
+seen_prob_offset=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -22,12 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import ovseg
 from ovseg.data.datasets import BENCHMARKS, DATASETS, SegmentationDataset, zero_shot_split
-from ovseg.eval.evaluate import evaluate_toyworld, markdown_table
+from ovseg.eval.evaluate import (
+    SlideWindow,
+    calibrated_options,
+    evaluate_toyworld,
+    markdown_table,
+    paper_window,
+    predict_logits,
+)
 from ovseg.eval.metrics import ConfusionMatrix
 from ovseg.methods.base import SegmentationMethod
 
@@ -82,6 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
+        "--inference", choices=("paper", "whole", "slide"), default="paper",
+        help="whole: each image squashed to the method's input size; slide: sliding windows "
+        "(--slide, default ZegCLIP's at the input size: short side = crop, stride 426/512 of "
+        "it); paper: the method's paper protocol (slide for ldvc, whole for the others)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--slide", nargs=3, type=int, default=None, metavar=("SHORT_SIDE", "CROP", "STRIDE"),
+        help="sliding windows of this size (implies --inference slide)",
+    )  # fmt: skip
+    parser.add_argument(
         "--config", type=Path, default=None,
         help="a training config whose method and method_config build the model",
     )  # fmt: skip
@@ -131,16 +152,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except json.JSONDecodeError:
             config[key] = value
     method = ovseg.load(method_name, weights=args.weights, **config)
+    window = inference_window(method, args.inference, args.slide)
     if args.benchmarks or args.zero_shot:
         paper_key = args.paper or (args.config.stem if args.config else None)
-        return benchmark_mode(method, args, options, PAPER_RESULTS.get(paper_key, {}))
+        return benchmark_mode(method, args, options, PAPER_RESULTS.get(paper_key, {}), window)
     rows = []
     for set_name in args.sets:
         result = evaluate_toyworld(
             method, set_name, num_images=args.num_images, batch_size=args.batch_size,
-            segment_options=options, progress=True,
+            segment_options=options, window=window, progress=True,
         )  # fmt: skip
         row = result.row() | {"trained_head": method.trained_head}
+        row["inference"] = describe_inference(method, window)
         if args.label:
             row["method"] = args.label
         rows.append(row)
@@ -151,6 +174,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def inference_window(
+    method: SegmentationMethod, mode: str, slide: list[int] | None
+) -> SlideWindow | None:
+    """The sliding window that ``--inference`` and ``--slide`` ask for (None: whole images)."""
+    if slide is not None:
+        if mode == "whole":
+            raise SystemExit("--slide contradicts --inference whole.")
+        short_side, crop, stride = slide
+        return SlideWindow(short_side=short_side, crop=crop, stride=stride)
+    if mode == "whole":
+        return None
+    if mode == "slide":
+        return SlideWindow.zegclip(method.config.input_size)
+    return paper_window(method)
+
+
+def describe_inference(method: SegmentationMethod, window: SlideWindow | None) -> str:
+    """The ``inference`` column: how each image went through the method."""
+    if window is None:
+        size = method.config.input_size
+        return f"whole {size}×{size}"
+    return window.describe()
+
+
 @torch.no_grad()
 def evaluate_benchmark(
     method: SegmentationMethod,
@@ -159,32 +206,35 @@ def evaluate_benchmark(
     zero_shot: bool = False,
     num_images: int | None = None,
     segment_options: dict[str, Any] | None = None,
+    window: SlideWindow | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Score ``method`` on a benchmark split over its whole vocabulary, as CAT-Seg and SED do:
-    each image is resized to the method's square input, the logits back to the label size, and
-    one confusion matrix accumulates over the split (the dataset's own ignore index).
+    """Score ``method`` on a benchmark split over its whole vocabulary: the logits of each image
+    (whole, resized to the method's square input as CAT-Seg and SED do, or by sliding
+    ``window``) are resized to the label size, and one confusion matrix accumulates over the
+    split (the dataset's own ignore index).
 
     With ``zero_shot``, also mIoU over ZegCLIP's seen and unseen classes and their hIoU; a
-    ``seen_prob_offset`` option is then given the seen class names (LDVC's calibration).
+    ``seen_prob_offset`` (option or method config: LDVC's calibration) is then given the seen
+    class names.
     """
     method.eval()
     vocabulary = list(dataset.vocabulary)
     options = dict(segment_options or {})
     seen, unseen = zero_shot_split(dataset.name) if zero_shot else (None, None)
-    if zero_shot and "seen_prob_offset" in options:
-        options["seen_classes"] = [vocabulary[i][0] for i in seen]
+    if zero_shot:
+        options = calibrated_options(method, options, [vocabulary[i][0] for i in seen])
     matrix = ConfusionMatrix(len(vocabulary), ignore_index=dataset.ignore_index)
     parameter = next(method.parameters())
-    size = method.config.input_size
     count = len(dataset) if num_images is None else min(num_images, len(dataset))
     started = time.perf_counter()
     for index in tqdm(range(count), desc=f"{method.name} on {dataset.name}", disable=not progress):
         item = dataset[index]
         pixels = item["image"][None].to(device=parameter.device, dtype=parameter.dtype)
-        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
-        logits = method(pixels, vocabulary, **options).logits
-        logits = F.interpolate(logits.float(), size=item["labels"].shape, mode="bilinear")
+        logits = predict_logits(
+            method, pixels, vocabulary, window=window, options=options,
+            output_size=tuple(item["labels"].shape),
+        )  # fmt: skip
         matrix.update(logits.argmax(dim=1)[0].cpu().numpy(), item["labels"].numpy())
     scores = matrix.scores(seen=seen, unseen=unseen) if zero_shot else matrix.scores()
     row = {"method": method.name, "set": dataset.info.title, "images": count}
@@ -197,6 +247,7 @@ def benchmark_mode(
     args: argparse.Namespace,
     options: dict[str, Any],
     paper: dict[str, Any],
+    window: SlideWindow | None = None,
 ) -> list[dict]:
     """Run the chosen benchmarks and print this run next to the paper, one column per set."""
     names = list(BENCHMARKS) if args.benchmarks == ["all"] else list(args.benchmarks or [])
@@ -207,9 +258,10 @@ def benchmark_mode(
         dataset = SegmentationDataset(name, root=args.datasets_root, layout=layout)
         row = evaluate_benchmark(
             method, dataset, zero_shot=zero_shot, num_images=args.num_images,
-            segment_options=options, progress=True,
+            segment_options=options, window=window, progress=True,
         )  # fmt: skip
-        rows.append(row | {"trained_head": method.trained_head})
+        inference = describe_inference(method, window)
+        rows.append(row | {"trained_head": method.trained_head, "inference": inference})
         title = row["set"]
         if zero_shot:
             expected = paper.get(f"zero-shot:{name}", ("–",) * len(ZERO_SHOT_METRICS))

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -64,6 +65,7 @@ from ovseg.methods.base import (
     register_method,
     saved_config,
     settings_for_weights,
+    shipped_weights_for,
     upsample_logits,
     weights_file,
 )
@@ -132,7 +134,8 @@ class LdvcConfig(MethodConfig):
         unseen_classes: unseen class names (used only with ``self_training``).
         pseudo_label_threshold: minimum unseen-class probability of a pseudo-labelled pixel.
         seen_prob_offset: subtracted from the sigmoid probabilities of the ``seen_classes``
-            segment option at inference (ZegCLIP's calibration; 0.1 for benchmarks).
+            segment option at inference (ZegCLIP's calibration; 0.1 for benchmarks). The
+            evaluation loops pass the seen names on every split with unseen classes.
 
     Optimiser:
         weight_decay: AdamW weight decay of prompts, Linear and Conv weights (norms get none).
@@ -670,6 +673,17 @@ def _default_inter_layers(depth: int, blocks: int) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------- loss
 
 
+def _mean_over_ranks(count: Tensor) -> Tensor:
+    """The mean of ``count`` over DDP ranks (itself outside DDP): every rank divides by the same
+    normaliser, so a rank whose crops hold few masks does not weigh its loss up (Mask2Former,
+    ZegCLIP: all-reduce, then divide by the world size)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    count = count.clone()
+    dist.all_reduce(count)
+    return count / dist.get_world_size()
+
+
 def focal_dice_loss(
     logits: Tensor,
     target: Tensor,
@@ -693,12 +707,13 @@ def focal_dice_loss(
     Returns:
         ``loss_focal`` and ``loss_dice``, both already weighted. Each focal map is averaged over
         its pixels; focal maps are summed over all ``B×N`` maps and dice over the maps of the
-        classes present; both are divided by ``num_masks``, the present (image, class) pairs.
+        classes present; both are divided by ``num_masks``, the present (image, class) pairs,
+        averaged over DDP ranks and at least 1.
     """
     classes = torch.arange(logits.shape[1], device=target.device)
     onehot = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)  # B×N×H×W
     present = onehot.flatten(2).amax(dim=-1)  # B×N
-    num_masks = present.sum().clamp_min(1.0)
+    num_masks = _mean_over_ranks(present.detach().float().sum()).clamp_min(1.0)
     probability = logits.sigmoid()
     cross_entropy = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     p_t = probability * onehot + (1 - probability) * (1 - onehot)
@@ -1016,7 +1031,8 @@ class Ldvc(SegmentationMethod):
         if not self._uses_head():
             raise UntrainedHeadError(
                 "LDVC has no training-free path and this model has no trained head weights "
-                f"(none at {ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS}). Train one with "
+                f"(the shipped {ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS}, if present, fits "
+                "only the shipped toy CLIP, not a random or other one). Train one with "
                 "`python training/train.py --config training/configs/ldvc-toy.json`, then load it "
                 "with ovseg.load('ldvc', weights=...)."
             )
@@ -1126,8 +1142,9 @@ def build_ldvc(
             (default ``config.backbone``, the ToyWorld ViT CLIP).
         weights: a checkpoint written by :func:`ovseg.methods.base.save_weights` (its JSON config
             is the base the other arguments override). None: the shipped
-            ``assets/ldvc-toy.safetensors`` for the toy ViT if it exists, else an untrained model
-            (``trained_head=False``) that trains but refuses to segment.
+            ``assets/ldvc-toy.safetensors`` if it exists and the CLIP is the shipped toy ViT it
+            was trained on (not a random one: see :func:`~ovseg.methods.base.shipped_weights_for`),
+            else an untrained model (``trained_head=False``) that trains but refuses to segment.
         device: where to build it.
         config: any :class:`LdvcConfig` field.
 
@@ -1140,16 +1157,16 @@ def build_ldvc(
     shared = isinstance(backbone, ClipBackbone)
     if isinstance(backbone, str):
         config = {**config, "backbone": backbone}
-    backbone_name = backbone.name if shared else config.get("backbone", LdvcConfig.backbone)
-    weights_path = None
     if weights is not None:
         weights_path = weights_file(weights)
         if not weights_path.is_file():
             raise WeightsError(f"No LDVC weights file at {weights_path}.")
-    elif "toy-vit" in backbone_name and config.get("pretrained") is None:
-        # The shipped head belongs to the trained toy CLIP, not to a random or other one.
-        shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
-        weights_path = shipped if shipped.is_file() else None
+    else:
+        weights_path = shipped_weights_for(
+            backbone if shared else config.get("backbone", LdvcConfig.backbone),
+            config.get("pretrained"),
+            SHIPPED_WEIGHTS,
+        )
     saved = saved_config(weights_path, "ldvc", LdvcConfig)
     settings, keep = settings_for_weights(
         LdvcConfig, saved, config, shipped=weights is None, name="ldvc"
