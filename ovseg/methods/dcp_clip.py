@@ -34,15 +34,13 @@ the depth; the same fractions give blocks {2, 4} of the toy ViT's 6 (0-based ind
 Deviations, all switchable: ground-truth classes are forced into the selection in training
 (``train_force_gt_classes``; the paper does not say how labelled classes DCS misses are
 supervised); TV decides every region from the pre-TV label map, so the order of regions cannot
-matter; the fused Q/K/V projections of CLIP get no weight decay (see
-:meth:`DcpClip.parameter_groups`).
+matter.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ovseg.backbones
 from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings, WeightsError, load_backbone
+from ovseg.backbones.finetune import set_finetuning_scope
 from ovseg.errors import OptionError
 from ovseg.methods.attention import CrossAttentionBlock, SelfAttentionBlock, SwinBlock
 from ovseg.methods.base import (
@@ -66,11 +64,13 @@ from ovseg.methods.base import (
     register_method,
     saved_config,
     settings_for_weights,
+    shipped_weights_for,
     upsample_logits,
     weights_file,
 )
 from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
 from ovseg.prompts.templates import resolve_templates
+from ovseg.vocabulary import coco_stuff_seen_mask, coco_stuff_seen_names, normalise_class_name
 
 NOT_SELECTED_LOGIT = -100.0  # classes DCS leaves out: probability ≈ 0, never the argmax
 SEGMENT_OPTIONS = ("theta", "tau", "tv_rank", "tag_validation", "seen_classes")
@@ -85,7 +85,8 @@ class DcpClipConfig(MethodConfig):
         theta: image-level threshold θ of Eq. 4 (Table VII); 0 selects every class.
         tau: softmax scale of the image-level score (None: the CLIP's own logit scale, 100).
         use_dcs: False skips the selection and runs every class (Table III).
-        train_force_gt_classes: add the ground-truth classes of ``target`` to the selection.
+        train_force_gt_classes: in training, add the ground-truth classes of ``target`` to the
+            selection.
         max_selected: optional cap on C_s (ranked by ground truth, image level, patch votes).
         dcs_text_refresh_iters: in training, re-encode the whole vocabulary for DCS (no grad)
             only this often; the selected classes are always re-encoded with gradient.
@@ -375,15 +376,22 @@ def select_categories(
         theta: θ of Eq. 4; a class enters C_image when S_img > θ (θ = 0: every class).
         tau: the softmax scale of S_img.
         enabled: False selects every class (the scores are still computed for the demo).
+
+    The scores are computed in float32 even under autocast: classes often score within bf16's
+    resolution of each other, and a bf16 S_patch flipped a third of the patch winners of a
+    171-class near-tie. The image features themselves still come from the (mixed-precision)
+    CLIP forward, so training and float32 inference can still differ a little: on a random toy
+    ViT, bf16 features changed 0.8% of patch winners and 1 of 96 selected classes.
     """
-    classes = F.normalize(class_embeddings, dim=-1)
-    patches = F.normalize(dense.flatten(2), dim=1)  # B×D×N
-    patch_scores = torch.einsum("cd,bdn->bcn", classes, patches)  # Eq. 1, S_patch
-    log_image_scores = torch.log_softmax(
-        tau * F.normalize(cls_embedding, dim=-1) @ classes.T, dim=-1
-    )  # Eq. 1, S_img
-    image_scores = log_image_scores.exp()
-    refined = patch_scores * (1 - image_scores[..., None])  # Eq. 2
+    with torch.autocast(device_type=dense.device.type, enabled=False):
+        classes = F.normalize(class_embeddings.float(), dim=-1)
+        patches = F.normalize(dense.float().flatten(2), dim=1)  # B×D×N
+        patch_scores = torch.einsum("cd,bdn->bcn", classes, patches)  # Eq. 1, S_patch
+        log_image_scores = torch.log_softmax(
+            tau * F.normalize(cls_embedding.float(), dim=-1) @ classes.T, dim=-1
+        )  # Eq. 1, S_img
+        image_scores = log_image_scores.exp()
+        refined = patch_scores * (1 - image_scores[..., None])  # Eq. 2
     from_patch = torch.zeros_like(image_scores, dtype=torch.bool)
     from_patch.scatter_(1, refined.argmax(dim=1), True)  # Eq. 3
     # Eq. 4, compared in log space: a probability that underflows to 0 is still > 0 = θ.
@@ -858,20 +866,10 @@ def _class_synonyms(vocabulary: VocabularyLike) -> tuple[tuple[str, ...], ...]:
     return classes
 
 
-def _normalise_name(name: str) -> str:
-    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
-
-
 def _default_guidance_layers(depth: int, count: int) -> tuple[int, ...]:
     """0-based blocks at (i+1)/(n+1) of the depth, n = max(2, count): 12 → (3, 7), 6 → (1, 3)."""
     slots = max(2, count)
     return tuple(round(depth * (i + 1) / (slots + 1)) - 1 for i in range(count))
-
-
-def _zero_key_rows(gradient: Tensor, *, width: int) -> Tensor:
-    gradient = gradient.clone()
-    gradient[width : 2 * width] = 0
-    return gradient
 
 
 class DcpClip(SegmentationMethod):
@@ -889,8 +887,9 @@ class DcpClip(SegmentationMethod):
         """
         Arguments:
             config: the settings; ``input_size`` fixes the patch grid A_CLIP is read at.
-            backbone: a ViT CLIP. Its parameters' ``requires_grad`` flags are set to the paper's
-                fine-tuning scope (all False with ``finetune_clip=False``).
+            backbone: a ViT CLIP. Training the method (``train()``, ``parameter_groups``) sets
+                its fine-tuning scope (Q/V and position embeddings; nothing with
+                ``finetune_clip=False``); building it changes nothing.
         """
         super().__init__()
         if backbone.kind != "vit":
@@ -958,70 +957,38 @@ class DcpClip(SegmentationMethod):
         self._selection_text_cache: dict[tuple, tuple[int, TextEmbeddings]] = {}
         self._training_calls = 0
         self._default_seen: tuple[str, ...] | None = None
-        self._configure_clip_finetuning()
 
     # ----------------------------------------------------------------------------- training
-    def _configure_clip_finetuning(self) -> None:
+    def train(self, mode: bool = True) -> DcpClip:
+        if mode:
+            self._set_clip_finetuning_scope()
+        return super().train(mode)
+
+    @property
+    def clip_finetuning_scope(self) -> str:
+        return "attention" if self.config.finetune_clip else "none"
+
+    def _set_clip_finetuning_scope(self) -> None:
         """CAT-Seg's "attention" scope: Q/V projections of every block of both towers and the
-        position embeddings train (at the CLIP learning rate); everything else is frozen, and
-        all of CLIP is with ``finetune_clip=False``.
-
-        open_clip fuses Q, K and V into one ``in_proj_weight``; a gradient hook zeroes the K
-        rows, and :meth:`parameter_groups` exempts the fused tensors from weight decay, so the K
-        rows stay bit-identical through AdamW steps.
-        """
-        model = self.backbone.model
-        finetune = self.config.finetune_clip
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(finetune and name.endswith("positional_embedding"))
-        if not finetune:
-            return
-        for module in model.modules():
-            if not isinstance(module, nn.MultiheadAttention):
-                continue
-            for parameter in (module.in_proj_weight, module.in_proj_bias):
-                if parameter is None:
-                    continue
-                parameter.requires_grad_(True)
-                if not getattr(parameter, "_ovseg_key_rows_frozen", False):
-                    parameter.register_hook(
-                        functools.partial(_zero_key_rows, width=module.embed_dim)
-                    )
-                    parameter._ovseg_key_rows_frozen = True
-
-    def _fused_projection_ids(self) -> set[int]:
-        return {
-            id(parameter)
-            for module in self.backbone.model.modules()
-            if isinstance(module, nn.MultiheadAttention)
-            for parameter in (module.in_proj_weight, module.in_proj_bias)
-            if parameter is not None
-        }
+        position embeddings train (at the CLIP learning rate); K and everything else stay
+        frozen, and all of CLIP does with ``finetune_clip=False``. K is split off as a buffer
+        (:mod:`ovseg.backbones.finetune`), so nothing can move it. Set when the method is
+        trained, so a backbone shared for inference is left untouched."""
+        set_finetuning_scope(self.backbone.model, self.clip_finetuning_scope)
 
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """AdamW groups of the paper: new layers at ``base_lr`` (2e-4), CLIP at
-        ``base_lr · clip_lr_multiplier`` (2e-6), weight decay ``config.weight_decay`` (1e-4).
-
-        The fused CLIP Q/K/V projections get no weight decay: AdamW's decoupled decay would
-        shrink their frozen K rows even though the K gradient is zero.
-        """
+        ``base_lr · clip_lr_multiplier`` (2e-6), weight decay ``config.weight_decay`` (1e-4)."""
+        self._set_clip_finetuning_scope()
         clip_lr = base_lr * self.config.clip_lr_multiplier
-        fused = self._fused_projection_ids()
-        head, clip_embeddings, clip_projections = [], [], []
+        head, clip = [], []
         for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            if not name.startswith("backbone."):
-                head.append(parameter)
-            elif id(parameter) in fused:
-                clip_projections.append(parameter)
-            else:
-                clip_embeddings.append(parameter)
+            if parameter.requires_grad:
+                (clip if name.startswith("backbone.") else head).append(parameter)
         decay = self.config.weight_decay
         groups = [
             {"name": "dcp-clip", "params": head, "lr": base_lr, "weight_decay": decay},
-            {"name": "clip", "params": clip_embeddings, "lr": clip_lr, "weight_decay": decay},
-            {"name": "clip-qv", "params": clip_projections, "lr": clip_lr, "weight_decay": 0.0},
+            {"name": "clip", "params": clip, "lr": clip_lr, "weight_decay": decay},
         ]
         return [group for group in groups if group["params"]]
 
@@ -1082,21 +1049,24 @@ class DcpClip(SegmentationMethod):
         """Text embeddings of the whole vocabulary for DCS and TV, without gradient.
 
         In training the text tower changes every step, so a fresh encoding of the whole
-        vocabulary is made only every ``dcs_text_refresh_iters`` calls (spec §3.4).
+        vocabulary is made only every ``dcs_text_refresh_iters`` calls (spec §3.4). The encoding
+        runs in float32 even under autocast, like DCS's scores (see :func:`select_categories`).
         """
-        templates = self.config.templates
         if not (self.training and torch.is_grad_enabled() and self._text_tower_trains()):
-            with torch.no_grad():
-                return self.backbone.encode_text(classes, templates)
-        key = (classes, resolve_templates(templates))
+            return self._encode_vocabulary(classes)
+        key = (classes, resolve_templates(self.config.templates))
         call = self._training_calls
         self._training_calls += 1
         cached = self._selection_text_cache.get(key)
         if cached is None or call - cached[0] >= self.config.dcs_text_refresh_iters:
-            with torch.no_grad():
-                cached = (call, self.backbone.encode_text(classes, templates))
+            cached = (call, self._encode_vocabulary(classes))
             self._selection_text_cache = {key: cached}
         return cached[1]
+
+    def _encode_vocabulary(self, classes: tuple[tuple[str, ...], ...]) -> TextEmbeddings:
+        device_type = self.head.weight.device.type
+        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+            return self.backbone.encode_text(classes, self.config.templates)
 
     def _selected_text(
         self, classes: tuple[tuple[str, ...], ...], text: TextEmbeddings, slots: Tensor
@@ -1130,7 +1100,7 @@ class DcpClip(SegmentationMethod):
         seen = options.get("seen_classes", self.config.seen_classes)
         return _SegmentSettings(
             theta=theta,
-            tau=float(self.backbone.logit_scale) if tau is None else float(tau),
+            tau=float(self.backbone.logit_scale.detach()) if tau is None else float(tau),
             tv_rank=int(tv_rank),
             tag_validation=bool(options.get("tag_validation", self.config.tag_validation)),
             seen_classes=None if seen is None else tuple(seen),
@@ -1152,8 +1122,9 @@ class DcpClip(SegmentationMethod):
             vocabulary: class names or synonym tuples.
             return_intermediates: also return the selection table, coarse/fine predictions and
                 TV changes (see the keys below).
-            target: ``B×H×W`` ground truth (training); its classes are forced into the
-                selection when ``train_force_gt_classes``, and TV does not run.
+            target: ``B×H×W`` ground truth. In training its classes are forced into the
+                selection when ``train_force_gt_classes``; in eval it changes nothing, so an
+                evaluation that passes labels sees exactly what inference does.
             options: ``theta``, ``tau`` (DCS), ``tv_rank``, ``tag_validation``, ``seen_classes``
                 (TV); they override the config for this call, without re-encoding the image.
 
@@ -1180,7 +1151,7 @@ class DcpClip(SegmentationMethod):
             tau=settings.tau,
             enabled=self.config.use_dcs,
         )
-        if target is not None and self.config.train_force_gt_classes:
+        if self.training and target is not None and self.config.train_force_gt_classes:
             selection = selection.with_forced(_target_classes(target, len(classes)))
         if self.config.max_selected is not None:
             selection = selection.capped(self.config.max_selected)
@@ -1202,9 +1173,7 @@ class DcpClip(SegmentationMethod):
         logits = _scatter(selected_logits, slots, class_mask, len(classes))
 
         decisions: list[list[TagDecision]] = [[] for _ in range(logits.shape[0])]
-        run_tag_validation = (
-            settings.tag_validation and self._uses_head() and not self.training and target is None
-        )
+        run_tag_validation = settings.tag_validation and self._uses_head() and not self.training
         if run_tag_validation or intermediates is not None:
             fine_labels = logits.argmax(dim=1)
         if run_tag_validation:
@@ -1309,17 +1278,29 @@ class DcpClip(SegmentationMethod):
     def _seen_mask(
         self, classes: tuple[tuple[str, ...], ...], seen_names: tuple[str, ...] | None, device
     ) -> Tensor:
+        """Which classes the head was trained on: ``seen_names`` matched by any synonym; by
+        default, for a real CLIP on a bundled benchmark's vocabulary, that benchmark's reviewed
+        overlap with COCO-Stuff, class by class; else :meth:`_default_seen_names`."""
         if seen_names is None:
+            benchmark = None if self._toy_clip else coco_stuff_seen_mask(classes)
+            if benchmark is not None:
+                return torch.tensor(benchmark, dtype=torch.bool, device=device)
             seen_names = self._default_seen_names()
-        seen = {_normalise_name(name) for name in seen_names}
-        flags = [any(_normalise_name(s) in seen for s in synonyms) for synonyms in classes]
+        seen = {normalise_class_name(name) for name in seen_names}
+        flags = [any(normalise_class_name(s) in seen for s in synonyms) for synonyms in classes]
         return torch.tensor(flags, dtype=torch.bool, device=device)
 
+    @property
+    def _toy_clip(self) -> bool:
+        return "toy" in self.backbone.name
+
     def _default_seen_names(self) -> tuple[str, ...]:
-        """ToyWorld's seen classes for a toy CLIP, else COCO-Stuff-171 (the papers' training
-        set), with synonyms."""
+        """ToyWorld's seen classes for a toy CLIP, else every spelling of every bundled
+        benchmark class that COCO-Stuff-171 (the papers' training set) covers, from the reviewed
+        overlap table (``ovseg/data/vocabularies/coco-stuff-overlap.json``): ADE's ``wall`` is
+        COCO's ``wall-other``, VOC's ``aeroplane`` its ``airplane``."""
         if self._default_seen is None:
-            if "toy" in self.backbone.name:
+            if self._toy_clip:
                 from ovseg.data.toyworld import ToyWorld
 
                 world = ToyWorld(image_size=32)
@@ -1327,10 +1308,7 @@ class DcpClip(SegmentationMethod):
                     name for c in world.classes if c.seen for name in (c.name, *c.synonyms)
                 )
             else:
-                from ovseg.vocabulary import load_vocabulary
-
-                vocabulary = load_vocabulary("coco-stuff-171")
-                self._default_seen = tuple(name for synonyms in vocabulary for name in synonyms)
+                self._default_seen = tuple(sorted(coco_stuff_seen_names()))
         return self._default_seen
 
     def _tag_validation(
@@ -1491,16 +1469,17 @@ def build_dcp_clip(
     shared = isinstance(backbone, ClipBackbone)
     if isinstance(backbone, str):
         config = {**config, "backbone": backbone}
-    backbone_name = backbone.name if shared else config.get("backbone", DcpClipConfig.backbone)
-    weights_path = None
     if weights is not None:
         weights_path = weights_file(weights)
         if not weights_path.is_file():
             raise WeightsError(f"No DCP-CLIP weights file at {weights_path}.")
-    elif "toy-vit" in backbone_name and config.get("pretrained") is None:
+    else:
         # The shipped head belongs to the trained toy CLIP, not to a random or other one.
-        shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
-        weights_path = shipped if shipped.is_file() else None
+        weights_path = shipped_weights_for(
+            backbone if shared else config.get("backbone", DcpClipConfig.backbone),
+            config.get("pretrained"),
+            SHIPPED_WEIGHTS,
+        )
     saved = saved_config(weights_path, "dcp-clip", DcpClipConfig)
     settings, keep = settings_for_weights(
         DcpClipConfig, saved, config, shipped=weights is None, name="dcp-clip"
