@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import ovseg
+from ovseg.backbones.finetune import FrozenKeyRows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,7 @@ REAL_SCALE = {
         {
             "backbone": "ViT-B-16",
             "input_size": 336,
+            "window_size": 7,  # the 21×21 grid in whole windows, as the paper config has it
             "sam": "vit_b",
             "sam_pretrained": False,
         },
@@ -74,9 +76,16 @@ def toy_configs() -> dict[str, tuple[str, dict, str]]:
 
 
 def count(method: torch.nn.Module) -> tuple[int, int]:
+    """(learnable, total): CLIP's K projections, split off as frozen buffers while Q and V
+    train (``ovseg.backbones.finetune``), count in the total."""
     parameters = {id(p): p for p in method.parameters()}.values()
     learnable = sum(p.numel() for p in parameters if p.requires_grad)
-    return learnable, sum(p.numel() for p in parameters)
+    keys = {
+        id(module.key): module.key
+        for module in method.modules()
+        if isinstance(module, FrozenKeyRows)
+    }.values()
+    return learnable, sum(p.numel() for p in parameters) + sum(k.numel() for k in keys)
 
 
 def main() -> None:

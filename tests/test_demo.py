@@ -35,15 +35,16 @@ VOCABULARY = "carpet, fox, peacock, ant"
 
 
 def _models(trained: bool) -> dict[str, ovseg.SegmentationMethod]:
-    """Every method on small random CLIPs; ``trained`` runs the heads (random or shipped)."""
+    """Every method on small random CLIPs, with the shipped toy heads' architectures (those
+    heads fit only the trained toy CLIPs); ``trained`` runs the (random) heads."""
     vit = load_backbone("toy-vit", "random")
     convnext = load_backbone("toy-convnext", "random")
     models = {
         "dense-clip": ovseg.load("dense-clip", backbone=vit),
-        "dpseg": ovseg.load("dpseg", backbone=convnext),
-        "dcp-clip": ovseg.load("dcp-clip", backbone=vit),
-        "esc-net": ovseg.load("esc-net", backbone=vit),
-        "ldvc": ovseg.load("ldvc", backbone=vit),
+        "dpseg": ovseg.load("dpseg", backbone=convnext, input_size=192),
+        "dcp-clip": ovseg.load("dcp-clip", backbone=vit, input_size=128, window_size=8),
+        "esc-net": ovseg.load("esc-net", backbone=vit, input_size=128, window_size=8),
+        "ldvc": ovseg.load("ldvc", backbone=vit, input_size=128, visual_prompt_tokens=16, top_m=4),
     }
     for name, method in models.items():
         if name != "dense-clip":

@@ -1,13 +1,20 @@
+import copy
 import itertools
+import json
 import math
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from segment_anything.modeling import ImageEncoderViT, PromptEncoder
+from segment_anything.modeling.transformer import TwoWayAttentionBlock
 
 import ovseg.backbones
 from ovseg.backbones import WeightsError, build_sam, load_backbone
+from ovseg.errors import OptionError
 from ovseg.methods.base import save_weights
 from ovseg.methods.blocks import cosine_cost_volume
 from ovseg.methods.esc_net import (
@@ -15,6 +22,10 @@ from ovseg.methods.esc_net import (
     SamPromptEncoding,
     build_esc_net,
     pseudo_prompts,
+)
+
+PAPER_CONFIGS = sorted(
+    (Path(__file__).resolve().parents[1] / "training" / "configs" / "paper").glob("esc-net*.json")
 )
 
 TEMPLATES = ("a photo of a {}.",)
@@ -41,6 +52,7 @@ def small(toy_vit, sam_path, **changes):
         skip_dims=(8, 4),
         sam="toy",
         sam_checkpoint=str(sam_path),
+        dense_prompt=EscNetConfig.dense_prompt,  # the paper's, not the shipped toy head's
     )
     settings.update(changes)
     return build_esc_net(backbone=toy_vit, **settings)
@@ -134,13 +146,50 @@ def test_ppg_is_deterministic_batched_and_without_gradient():
     assert not first.points.requires_grad and not first.probability.requires_grad
 
 
-def test_ppg_boxes_are_tight_around_their_regions():
+def test_ppg_boxes_are_tight_inclusive_boxes_around_their_regions():
     maps = torch.randn(3, 11, 9, generator=torch.Generator().manual_seed(5))
     prompts = pseudo_prompts(maps, tau=0.2)
     for row, region in itertools.product(range(3), range(5)):
         ys, xs = torch.nonzero(prompts.regions[row, region], as_tuple=True)
         x0, y0, x1, y1 = prompts.boxes[row, region].long().tolist()
-        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max(), ys.max())
+
+
+def test_box_corners_reach_sam_at_the_centres_of_the_regions_corner_cells(sam_path):
+    """SAM adds half a cell to box corners: with inclusive boxes a corner is the centre of the
+    region's first or last cell, and a region at the grid's edge keeps its box inside [0, 1]."""
+    maps = torch.full((2, 8, 8), -1.0)
+    maps[0, 1:4, 2:6] = 1.0  # rows 1–3, columns 2–5
+    maps[1, 5:8, 6:8] = 1.0  # the bottom-right corner
+    prompts = pseudo_prompts(maps, num_objects=1)
+    assert prompts.boxes[:, 0].tolist() == [[2, 1, 5, 3], [6, 5, 7, 7]]
+    sam = build_sam(None, sam_path)
+    encoding = SamPromptEncoding(source=sam.prompt_encoder, grid=8, prompt_types=("box",))
+    sparse, _ = encoding(prompts)
+    pe = encoding.dense_pe((8, 8))
+    top_left, bottom_right = (e.weight[0] for e in sam.prompt_encoder.point_embeddings[2:])
+    for row, (x0, y0, x1, y1) in enumerate([(2, 1, 5, 3), (6, 5, 7, 7)]):
+        torch.testing.assert_close(sparse[row, 0], pe[:, y0, x0] + top_left, atol=1e-5, rtol=0)
+        torch.testing.assert_close(sparse[row, 1], pe[:, y1, x1] + bottom_right, atol=1e-5, rtol=0)
+
+
+def test_training_free_boxes_span_their_regions_pixels_inside_sams_frame(
+    toy_vit, sam_path, monkeypatch
+):
+    method = small(toy_vit, sam_path, training_free_box=True)
+    sam = method._pretrained_sam(torch.device("cpu"))
+    seen = []
+    decode = sam.decode
+    monkeypatch.setattr(sam, "decode", lambda *a, **k: seen.append(k["boxes"]) or decode(*a, **k))
+    out = method(images(1), VOCABULARY[:3], return_intermediates=True)
+    boxes = torch.cat(seen).view(3, 5, 4)
+    stride, scale = 8, sam.image_size / 64  # toy ViT patches; SAM's ResizeLongestSide
+    for row, region in itertools.product(range(3), range(5)):
+        ys, xs = torch.nonzero(out.intermediates["pseudo_regions"][0, row, region], as_tuple=True)
+        first = torch.tensor([xs.min(), ys.min()]) * stride * scale
+        last = (torch.tensor([xs.max(), ys.max()]) * stride + stride - 1) * scale
+        assert boxes[row, region].tolist() == [*first.tolist(), *last.tolist()]
+    assert boxes.min() >= 0 and boxes.max() <= sam.image_size - 1
 
 
 # ---------------------------------------------------------------------------- SAM weights
@@ -296,7 +345,7 @@ def test_847_classes_run_with_the_same_weights(toy_vit, sam_path):
 
 
 def test_loss_is_per_pixel_bce_and_gradients_reach_sam_and_clip_qv_only(toy_vit, sam_path):
-    method = small(toy_vit, sam_path).train()
+    method = small(copy.deepcopy(toy_vit), sam_path).train()  # training splits CLIP's K off
     target = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(0))
     target[:, :8] = 255
     out = method(images(2), VOCABULARY[:3], target=target)
@@ -312,13 +361,12 @@ def test_loss_is_per_pixel_bce_and_gradients_reach_sam_and_clip_qv_only(toy_vit,
     assert encoder.mask_downscaling[0].weight.grad.abs().sum() > 0
     assert encoder.point_embeddings[1].weight.grad.abs().sum() > 0
     assert encoder.point_embeddings[2].weight.grad is None  # no boxes in the default
+    # Q and V train; K is split off as a buffer (tests/test_clip_finetuning.py).
     attention = method.backbone.model.visual.transformer.resblocks[0].attn
+    grad = attention.parametrizations.in_proj_weight.original.grad
     width = attention.embed_dim
-    grad = attention.in_proj_weight.grad
-    assert grad[:width].abs().sum() > 0 and grad[2 * width :].abs().sum() > 0
-    assert grad[width : 2 * width].abs().sum() == 0  # K rows stay frozen
+    assert grad[:width].abs().sum() > 0 and grad[width:].abs().sum() > 0
     assert method.backbone.model.visual.conv1.weight.grad is None
-    toy_vit.zero_grad(set_to_none=True)
 
 
 def test_optimiser_groups_put_clip_and_sam_at_2e_6_and_the_rest_at_2e_4(toy_vit, sam_path):
@@ -341,7 +389,7 @@ def test_optimiser_groups_put_clip_and_sam_at_2e_6_and_the_rest_at_2e_4(toy_vit,
 
 def test_training_free_path_labels_sam_masks_by_their_class(toy_vit, sam_path):
     method = small(toy_vit, sam_path)
-    assert not method.trained_head and method.training_free_sam is not None
+    assert not method.trained_head
     out = method(images(1), VOCABULARY[:3], return_intermediates=True)
     inter = out.intermediates
     cost = inter["cost_volume"]
@@ -365,7 +413,9 @@ def test_default_build_uses_the_shipped_toy_sam_and_no_head(toy_vit):
     if not (ovseg.backbones.ASSETS_DIR / "sam-toy" / "sam-toy.safetensors").is_file():
         pytest.skip("the toy SAM is not shipped in this checkout")
     method = build_esc_net(backbone=toy_vit, input_size=64, window_size=4)
-    assert not method.trained_head and method.training_free_sam.name == "toy"
+    assert not method.trained_head
+    method(images(1), VOCABULARY[:2])
+    assert method.training_free_sam.name == "toy"
 
 
 # -------------------------------------------------------------------------------- weights
@@ -425,23 +475,173 @@ def test_real_scale_shapes_vit_b_16_at_384_with_sam_vit_b_blocks():
     assert 8e6 < head < 14e6  # spec §6: ~10–11M of ESC-specific parameters
 
 
-@pytest.mark.parametrize("dense_prompt", ["mean", "sum", "union"])
-def test_dense_prompts_reduced_before_the_last_conv_equal_sams_own_encoding(sam_path, dense_prompt):
-    """The optimised dense prompt (regions reduced before SAM's final 1×1 conv) equals running
-    SAM's mask_downscaling on every region mask and reducing after."""
-    sam = build_sam("toy", checkpoint=sam_path)
-    encoding = SamPromptEncoding(
-        source=sam.prompt_encoder, grid=8, prompt_types=("mask",), dense_prompt=dense_prompt
+def grid_prompt_encoder(sam, grid=8):
+    """segment-anything's own prompt encoder for a grid×grid embedding, with the SAM's weights."""
+    encoder = PromptEncoder(
+        embed_dim=sam.prompt_embed_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(grid, grid),
+        mask_in_chans=sam.config.mask_in_chans,
     )
-    maps = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1))
-    prompts = pseudo_prompts(maps, num_objects=5)
-    _, dense = encoding(prompts)
-    masks = prompts.regions.float()
-    if dense_prompt == "union":
-        masks = masks.amax(dim=1, keepdim=True)
-    masks = F.interpolate(masks.flatten(0, 1)[:, None], scale_factor=4, mode="nearest")
-    reference = encoding.encoder.mask_downscaling(encoding.mask_logit * (2 * masks - 1))
-    reference = reference.view(6, -1, *reference.shape[1:])
-    reference = reference.sum(dim=1) if dense_prompt == "sum" else reference.mean(dim=1)
-    assert dense.shape == (6, encoding.encoder.embed_dim, 8, 8)
-    torch.testing.assert_close(dense, reference, atol=1e-5, rtol=1e-5)
+    encoder.load_state_dict(sam.prompt_encoder.state_dict())
+    return encoder
+
+
+def mask_logits(masks, kappa=10.0):
+    """``R×h×w`` bool masks → SAM mask-prompt logits ``R×1×4h×4w``."""
+    upsampled = F.interpolate(masks[:, None].float(), scale_factor=4, mode="nearest")
+    return kappa * (2 * upsampled - 1)
+
+
+def test_prompts_are_sams_own_encoding_of_the_points_and_the_regions_union(toy_vit, sam_path):
+    """A9: the dense prompt of a class is SAM's mask prompt of the union of its regions (one mask
+    per prompt set), and the sparse prompt SAM's encoding of the N_o points."""
+    method = small(toy_vit, sam_path)
+    reference = grid_prompt_encoder(build_sam(None, sam_path))
+    prompts = pseudo_prompts(torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(prompts.regions.any(dim=1), prompts.foreground)
+    with torch.no_grad():
+        sparse, dense = method.prompt_encoding(prompts)
+        expected_sparse, expected_dense = reference(
+            points=(prompts.points, torch.ones(6, 5)),
+            boxes=None,
+            masks=mask_logits(prompts.foreground),
+        )
+    torch.testing.assert_close(sparse, expected_sparse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense, expected_dense, atol=1e-5, rtol=1e-5)
+
+
+def test_the_mean_of_region_prompts_is_the_union_at_one_n_o_th_strength(sam_path):
+    """Why the average of the N_o region embeddings (the shipped head's "mean") loses the regions:
+    SAM's mask downscaling gives one vector per cell, d1 inside a mask and d0 outside."""
+    sam = build_sam(None, sam_path)
+    encoding = SamPromptEncoding(
+        source=sam.prompt_encoder, grid=8, prompt_types=("mask",), dense_prompt="mean"
+    )
+    prompts = pseudo_prompts(torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1)))
+    reference = grid_prompt_encoder(sam)
+    with torch.no_grad():
+        _, dense = encoding(prompts)
+        per_region = reference._embed_masks(mask_logits(prompts.regions.flatten(0, 1)))
+        d1 = reference._embed_masks(mask_logits(torch.ones(1, 8, 8, dtype=torch.bool)))
+        d0 = reference._embed_masks(mask_logits(torch.zeros(1, 8, 8, dtype=torch.bool)))
+    torch.testing.assert_close(
+        dense, per_region.view(6, 5, -1, 8, 8).mean(dim=1), atol=1e-5, rtol=0
+    )
+    foreground = prompts.foreground[:, None].float()
+    torch.testing.assert_close(dense, d0 + foreground / 5 * (d1 - d0), atol=1e-5, rtol=0)
+
+
+def test_sam_blocks_equal_segment_anythings_two_way_block_run_class_by_class(toy_vit, sam_path):
+    """Eq. 2 against segment-anything: each class's tokens [text ; SAM prompt encoding] and keys
+    (image + dense prompt, SAM's dense PE) through the checkpoint's own TwoWayAttentionBlock one
+    class at a time, then the mean over classes fused with the block input."""
+    method = small(toy_vit, sam_path)
+    method.trained_head = True
+    sam = build_sam(None, sam_path)
+    reference = grid_prompt_encoder(sam)
+    key_pe = reference.get_dense_pe().flatten(2).permute(0, 2, 1)  # as TwoWayTransformer does
+    vocabulary = VOCABULARY[:3]
+    with torch.no_grad():
+        features = method.encode_image(images(2))
+        text = method.backbone.encode_text(vocabulary, TEMPLATES).mean
+        cost = cosine_cost_volume(features.clip.dense, text)
+        image = method.image_projection(features.clip.dense)
+        text_tokens = method.text_token(text)
+        for index in range(2):
+            fused, _ = method._sam_block(index, image, cost, text_tokens)
+            layer = sam.mask_decoder.transformer.layers[index]
+            assert isinstance(layer, TwoWayAttentionBlock)
+            refined = torch.zeros(2, 64, image.shape[1])
+            for b, n in itertools.product(range(2), range(3)):
+                prompts = pseudo_prompts(cost[b, n][None])
+                sparse, dense = reference(
+                    points=(prompts.points, torch.ones(1, 5)),
+                    boxes=None,
+                    masks=mask_logits(prompts.foreground),
+                )
+                tokens = torch.cat([text_tokens[n][None, None], sparse], dim=1)
+                keys = (image[b : b + 1] + dense).flatten(2).permute(0, 2, 1)
+                _, keys = layer(queries=tokens, keys=keys, query_pe=tokens, key_pe=key_pe)
+                refined[b] += keys[0] / 3
+            refined = refined.transpose(1, 2).reshape(image.shape)
+            expected = method.sam_blocks[index].fuse(torch.cat([image, refined], dim=1))
+            torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_each_blocks_prompts_come_from_the_previous_blocks_activation_map(toy_vit, sam_path):
+    """Block k's PPG reads S_{k-1} (A11), not the cosine map S_0 again."""
+    method = small(toy_vit, sam_path)
+    randomise_activation_heads(method)
+    method.trained_head = True
+    with torch.no_grad():
+        inter = method(images(2), VOCABULARY[:3], return_intermediates=True).intermediates
+    maps = inter["activation_maps"]
+    from_cost_volume = pseudo_prompts(maps[:, 0].flatten(0, 1)).regions
+    moved = 0
+    for block in range(4):
+        expected = pseudo_prompts(maps[:, block].flatten(0, 1))
+        assert torch.equal(inter["pseudo_regions"][:, block].flatten(0, 1), expected.regions)
+        assert torch.equal(inter["pseudo_points"][:, block].flatten(0, 1), expected.points)
+        moved += not torch.equal(expected.regions, from_cost_volume)
+    assert moved == 3  # the refined maps really do prompt differently
+
+
+# ------------------------------------------------------------------------- SAM loading (lazy)
+
+
+def test_head_weights_build_without_the_sam_checkpoint(toy_vit, sam_path, tmp_path):
+    """The head file holds every SAM part the head uses; the SAM file is needed only by the
+    training-free path, and is read (and its absence reported) only when that path runs."""
+    method = small(toy_vit, sam_path)
+    randomise_activation_heads(method)
+    method.trained_head = True
+    path = save_weights(method, tmp_path / "esc")
+    missing = tmp_path / "no-such-sam.safetensors"
+    loaded = build_esc_net(backbone=toy_vit, weights=str(path), sam_checkpoint=str(missing))
+    assert loaded.trained_head and loaded.training_free_sam is None
+    assert not any(isinstance(module, ImageEncoderViT) for module in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(images(1), VOCABULARY).logits, method(images(1), VOCABULARY).logits
+        )
+    loaded.trained_head = False
+    with pytest.raises(WeightsError, match="no-such-sam"):
+        loaded(images(1), VOCABULARY)
+
+
+def test_sams_image_encoder_is_loaded_only_when_the_training_free_path_runs(toy_vit, sam_path):
+    method = small(copy.deepcopy(toy_vit), sam_path)  # training splits CLIP's K off
+    assert not method.trained_head and method.training_free_sam is None
+    assert not any(isinstance(module, ImageEncoderViT) for module in method.modules())
+    method.train()
+    method(images(1), VOCABULARY[:2])  # the head trains without it
+    assert method.training_free_sam is None
+    method.eval()
+    method(images(1), VOCABULARY[:2])
+    encoder = method.training_free_sam.image_encoder
+    checkpoint = load_file(sam_path)["image_encoder.patch_embed.proj.weight"]
+    assert torch.equal(encoder.patch_embed.proj.weight, checkpoint)
+
+
+# ------------------------------------------------------------------------------ Swin windows
+
+
+def test_every_paper_config_tiles_its_patch_grid_with_whole_windows():
+    assert [path.stem for path in PAPER_CONFIGS] == ["esc-net-vit-b-16-336", "esc-net-vit-l-14-336"]
+    for path in PAPER_CONFIGS:
+        config = EscNetConfig(**json.loads(path.read_text())["method_config"])
+        patch = open_clip.get_model_config(config.backbone)["vision_cfg"]["patch_size"]
+        grid, remainder = divmod(config.input_size, patch)
+        assert remainder == 0 and grid % config.window_size == 0, path.stem
+        assert not config.window_padding, path.stem
+
+
+def test_a_grid_of_partial_windows_is_an_error_unless_padding_is_asked_for(toy_vit, sam_path):
+    method = small(toy_vit, sam_path, input_size=80)  # a 10×10 grid, windows of 4
+    method.trained_head = True
+    with pytest.raises(OptionError, match="window_size 4 does not divide"):
+        method(images(1, size=80), VOCABULARY[:2])
+    padded = small(toy_vit, sam_path, input_size=80, window_padding=True)
+    padded.trained_head = True
+    assert padded(images(1, size=80), VOCABULARY[:2]).logits.shape == (1, 2, 80, 80)

@@ -91,7 +91,12 @@ def smoke_overrides(name: str, config: TrainConfig, tmp_path: Path, sd_pipeline:
             "method_config.prompt_cache_dir": str(tmp_path / "prompts"),
         }
     if config.method == "esc-net":
-        settings |= {"method_config.sam": "toy", "method_config.sam_checkpoint": None}
+        # a 7×7 patch grid, which ViT-B/16's 7-cell windows tile exactly
+        settings |= {
+            "method_config.sam": "toy",
+            "method_config.sam_checkpoint": None,
+            "method_config.input_size": 56,
+        }
     return [
         item for key, value in settings.items() for item in ("--set", f"{key}={json.dumps(value)}")
     ]

@@ -10,6 +10,7 @@ from segment_anything.modeling import Sam
 
 from ovseg.backbones import sam as sam_module
 from ovseg.backbones.sam import SAM_CONFIGS, SamBackbone, SamConfig, build_sam, register_sam_config
+from ovseg.errors import WeightsError
 
 TOY_GRID = 16
 TOY_DIM = 128
@@ -224,6 +225,33 @@ def test_official_style_pth_state_dict_loads(toy, tmp_path) -> None:
     assert loaded_state.keys() == expected.keys()
     for key, value in loaded_state.items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_without_the_image_encoder_only_the_prompt_parts_are_built_and_loaded(
+    toy, embeddings, points, tmp_path
+) -> None:
+    path = toy.save(tmp_path / "toy_sam")
+    light = build_sam(None, path, image_encoder=False)
+    assert light.image_encoder is None
+    expected = {k: v for k, v in toy.sam.state_dict().items() if not k.startswith("image_encoder.")}
+    loaded = light.sam.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[key], value) for key, value in expected.items())
+    assert sum(p.numel() for p in light.parameters()) < sum(p.numel() for p in toy.parameters()) / 2
+    with torch.no_grad():
+        for got, want in zip(
+            light.decode(embeddings, points=points),
+            toy.decode(embeddings, points=points),
+            strict=True,
+        ):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="without its image encoder"):
+        light.encode_image(torch.rand(1, 3, 32, 32))
+    # The file is still checked against the whole architecture.
+    with pytest.raises(WeightsError, match="missing keys"):
+        build_sam("vit_b", path, image_encoder=False)
+    random = build_sam("vit_b", image_encoder=False)
+    assert random.image_encoder is None and random.prompt_embed_dim == 256
 
 
 def test_registered_config_builds_by_name(monkeypatch) -> None:

@@ -42,7 +42,7 @@ def test_pseudo_prompts_are_drawn_where_the_grid_says():
     regions[0, :2, :2] = True  # top-left quarter
     regions[1, 3, 3] = True
     points = np.array([[0, 0], [3, 3]])
-    boxes = np.array([[0, 0, 2, 2], [3, 3, 4, 4]])
+    boxes = np.array([[0, 0, 1, 1], [3, 3, 3, 3]])  # inclusive corner cells
     drawn = draw_pseudo_prompts(image, regions, points, boxes)
     assert drawn.shape == image.shape
     assert drawn[20:28, 20:28].any()  # inside region 1, away from the point

@@ -218,11 +218,17 @@ def register_sam_config(name: str, config: SamConfig, *, overwrite: bool = False
     SAM_CONFIGS[name] = config
 
 
-def _build_sam_model(config: SamConfig) -> Sam:
-    """Compose a randomly initialised `Sam` exactly as `segment_anything._build_sam` does."""
+def _build_sam_model(config: SamConfig, *, image_encoder: bool = True) -> Sam:
+    """Compose a randomly initialised `Sam` exactly as `segment_anything._build_sam` does.
+
+    Without `image_encoder` the model's `image_encoder` is None: only the prompt encoder and the
+    mask decoder exist (what a method that reuses SAM's decoder layers needs).
+    """
     grid = config.embedding_size
     return Sam(
-        image_encoder=ImageEncoderViT(
+        image_encoder=None
+        if not image_encoder
+        else ImageEncoderViT(
             depth=config.encoder_depth,
             embed_dim=config.encoder_embed_dim,
             img_size=config.image_size,
@@ -265,20 +271,25 @@ class SamBackbone(nn.Module):
     Args:
         config: The architecture; the `Sam` is built with random weights.
         name: Registry name of the architecture, written by `save` (None for an unnamed config).
+        image_encoder: False builds only the prompt encoder and the mask decoder, for callers that
+            never encode an image (most of SAM's parameters and memory are the image encoder).
     """
 
-    def __init__(self, *, config: SamConfig, name: str | None = None) -> None:
+    def __init__(
+        self, *, config: SamConfig, name: str | None = None, image_encoder: bool = True
+    ) -> None:
         super().__init__()
         self._config = config
         self.name = name
-        self.sam = _build_sam_model(config)
+        self.sam = _build_sam_model(config, image_encoder=image_encoder)
 
     @property
     def config(self) -> SamConfig:
         return self._config
 
     @property
-    def image_encoder(self) -> ImageEncoderViT:
+    def image_encoder(self) -> ImageEncoderViT | None:
+        """The ViT image encoder, or None for a SAM built without it."""
         return self.sam.image_encoder
 
     @property
@@ -361,6 +372,11 @@ class SamBackbone(nn.Module):
         Returns:
             (B, prompt_embed_dim, embedding_size, embedding_size) image embeddings.
         """
+        if self.image_encoder is None:
+            raise ValueError(
+                "this SAM was built without its image encoder (image_encoder=False); build it "
+                "with the image encoder to encode images"
+            )
         return self.image_encoder(self.preprocess(images))
 
     def decode(
@@ -477,7 +493,16 @@ class SamBackbone(nn.Module):
 
         Returns:
             The path of the weights file.
+
+        Raises:
+            ValueError: this SAM was built without its image encoder, so no file of it could be
+                read back.
         """
+        if self.image_encoder is None:
+            raise ValueError(
+                "A SAM built without its image encoder (image_encoder=False) cannot be saved: "
+                "build_sam reads a whole SAM."
+            )
         base = _strip_safetensors_suffix(Path(path))
         base.parent.mkdir(parents=True, exist_ok=True)
         weights_path = base.parent / (base.name + _SAFETENSORS_SUFFIX)
@@ -636,6 +661,7 @@ def build_sam(
     checkpoint: str | os.PathLike | None = None,
     *,
     device: torch.device | str | None = None,
+    image_encoder: bool = True,
 ) -> SamBackbone:
     """Build a SAM backbone by architecture name, optionally loading weights.
 
@@ -646,6 +672,8 @@ def build_sam(
             or a `.safetensors` file; `save`'s suffix-less path also works. None keeps the
             random initialisation.
         device: Where to put the model; weights are loaded on the CPU first.
+        image_encoder: False builds and loads only the prompt encoder and the mask decoder; the
+            checkpoint's image-encoder tensors are checked and then dropped.
 
     Returns:
         The backbone in eval mode.
@@ -666,9 +694,20 @@ def build_sam(
         )
     else:
         name, config = _read_saved_architecture(path)
-    backbone = SamBackbone(config=config, name=name)
+    backbone = SamBackbone(config=config, name=name, image_encoder=image_encoder)
     if path is not None:
         state_dict = _read_state_dict(path)
+        if not image_encoder:
+            # Checked against the whole architecture (shapes only, on the meta device), so a file
+            # of another architecture is still named as such.
+            with torch.device("meta"):
+                full = _build_sam_model(config)
+            _check_state_dict(full, state_dict, path=path, name=name)
+            state_dict = {
+                key: value
+                for key, value in state_dict.items()
+                if not key.startswith("image_encoder.")
+            }
         _check_state_dict(backbone.sam, state_dict, path=path, name=name)
         backbone.sam.load_state_dict(state_dict, strict=True)
     backbone.eval()

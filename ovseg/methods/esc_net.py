@@ -21,16 +21,18 @@ pretrained SAM (its own image encoder and mask decoder) and each mask is labelle
 Where the paper is silent the spec's §9 recommendations are used: τ = 0.01 and α = 1/(h·w) for
 the PPG (A7), farthest-point-seeded Lloyd k-means with 10 iterations (A8), the SAM layers copied
 in the order [L0, L1, L0, L1] (A2), one projected text token replacing SAM's output tokens (A3),
-``F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])`` (A5), the 5 region-mask embeddings averaged into one
-dense prompt (A9), ``S_k = S_{k-1} + ZeroConv(C'_k)`` as the next block's map (A11), CAT-Seg's Swin
-and decoder sizes (A12, A13), per-pixel BCE (A14), and CLIP's Q/V projections and position
-embeddings tuned with the SAM layers at 2e-6 and the rest at 2e-4 (A16, A17).
+``F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])`` (A5), SAM's mask prompt of the union of the 5
+regions as each class's dense prompt (A9: SAM takes one mask per prompt set, and an average of the
+5 region embeddings would only be that union at a fifth of its strength), ``S_k = S_{k-1} +
+ZeroConv(C'_k)`` as the next block's map (A11), CAT-Seg's Swin and decoder sizes (A12, A13; with
+ViT-B/16 at the paper's 336 px, window 7 on the 21×21 grid, A18), per-pixel BCE (A14), and CLIP's
+Q/V projections and position embeddings tuned with the SAM layers at 2e-6 and the rest at 2e-4
+(A16, A17).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder
+from segment_anything.utils.amg import batched_mask_to_box
 from torch import Tensor, nn
 
 import ovseg.backbones
@@ -50,6 +53,7 @@ from ovseg.backbones import (
     build_sam,
     load_backbone,
 )
+from ovseg.backbones.finetune import set_finetuning_scope
 from ovseg.errors import OptionError
 from ovseg.methods.attention import LinearAttention, Mlp, SwinBlock
 from ovseg.methods.base import (
@@ -62,6 +66,7 @@ from ovseg.methods.base import (
     register_method,
     saved_config,
     settings_for_weights,
+    shipped_weights_for,
     upsample_logits,
     weights_file,
 )
@@ -71,7 +76,7 @@ from ovseg.methods.dcp_clip import DoubleConv
 SHIPPED_WEIGHTS = "esc-net-toy.safetensors"
 TOY_SAM_CHECKPOINT = Path("sam-toy") / "sam-toy.safetensors"
 PROMPT_TYPES = ("point", "box", "mask")
-DENSE_PROMPT_MODES = ("mean", "sum", "union")
+DENSE_PROMPT_MODES = ("union", "mean")
 CLIP_FINETUNE_MODES = ("attention", "full", "none")
 
 
@@ -82,12 +87,20 @@ class EscNetConfig(MethodConfig):
     SAM (§2.4–2.5, Table 2):
         sam: SAM architecture name (``"vit_b"``, ``"toy"`` …, see ``SAM_CONFIGS``).
         sam_checkpoint: SAM weights (official ``.pth`` or a ``SamBackbone.save`` file); None
-            with ``sam="toy"`` is the shipped ToyWorld SAM.
+            with ``sam="toy"`` is the shipped ToyWorld SAM. Read to initialise a new head's SAM
+            parts, and by the training-free path when it first runs; head weights carry their
+            own SAM parts and do not need it.
         use_sam: False removes the PPG and the SAM blocks (Table 2 a); the VLF guidance is then
             the projected CLIP features.
         sam_pretrained: False initialises the SAM blocks and prompt encoder randomly (Table 2 b).
         prompt_types: any non-empty combination of ``"point"``, ``"box"``, ``"mask"`` (Table 3).
-        dense_prompt: how the N_o region-mask embeddings become one dense prompt (A9).
+        dense_prompt: the class's dense prompt (A9). ``"union"`` (default): SAM's mask prompt
+            of the union of the N_o regions, i.e. of the binary mask (c): one mask per prompt
+            set, as SAM takes it; the regions reach SAM through their points. ``"mean"``: the
+            average of the N_o region embeddings, the setting the shipped toy head was trained
+            with. SAM's mask downscaling maps a ±κ mask cell by cell to one of two vectors, so
+            this average is exactly ``d0 + (fg/N_o)·(d1 − d0)``: the union at 1/N_o strength,
+            kept only for that head and as an ablation.
 
     Pseudo Prompt Generator (§3):
         num_blocks: K, ESC blocks (one SAM layer each).
@@ -99,7 +112,12 @@ class EscNetConfig(MethodConfig):
 
     VLF and decoder (§4, §2.7):
         hidden_dim: D_h, the embedded cost-volume width.
-        swin_heads, window_size, mlp_ratio: the guided Swin pair (and the MLPs' width).
+        swin_heads, window_size, mlp_ratio: the guided Swin pair (and the MLPs' width). The
+            window must divide the patch grid (or exceed it): ViT-B/16 at the paper's 336 px has a
+            21×21 grid, so its paper config uses window 7 (spec A18).
+        window_padding: let a grid that is not a whole number of windows run anyway, padded to
+            whole windows with the padding masked out of the attention (off: such a grid is an
+            error, since neither CAT-Seg nor the paper pads).
         text_heads: heads of the linear text attention.
         decoder_dims: widths of the two upsampling stages.
         skip_dims: widths the two CLIP skip features are projected to.
@@ -126,7 +144,7 @@ class EscNetConfig(MethodConfig):
     use_sam: bool = True
     sam_pretrained: bool = True
     prompt_types: tuple[str, ...] = ("point", "mask")
-    dense_prompt: str = "mean"
+    dense_prompt: str = "union"
     num_blocks: int = 4
     num_objects: int = 5
     ppg_tau: float = 0.01
@@ -136,6 +154,7 @@ class EscNetConfig(MethodConfig):
     hidden_dim: int = 128
     swin_heads: int = 4
     window_size: int = 12
+    window_padding: bool = False
     mlp_ratio: float = 4.0
     text_heads: int = 4
     decoder_dims: tuple[int, int] = (64, 32)
@@ -193,8 +212,8 @@ class PseudoPrompts:
         regions: ``R×N_o×h×w`` bool k-means regions, panel (d): disjoint, their union is
             ``foreground`` (an empty cluster is replaced by a copy of the strongest region).
         points: ``R×N_o×2`` peak of each region in (e), as (x, y) grid cells.
-        boxes: ``R×N_o×4`` tight box of each region, (x0, y0, x1, y1) in grid units, x1/y1
-            exclusive.
+        boxes: ``R×N_o×4`` tight box of each region, (x0, y0, x1, y1) in grid units with
+            inclusive corners (SAM's ``batched_mask_to_box``).
     """
 
     probability: Tensor
@@ -272,21 +291,14 @@ def pseudo_prompts(
     inside = scores[:, None].masked_fill(~regions, float("-inf"))
     index = inside.argmax(dim=-1)
     points = torch.stack([index % width, index // width], dim=-1).to(maps.dtype)
-    column = torch.arange(width, device=device).repeat(height)
-    row = torch.arange(height, device=device).repeat_interleave(width)
-    boxes = torch.stack(
-        [
-            column.masked_fill(~regions, width).amin(dim=-1),
-            row.masked_fill(~regions, height).amin(dim=-1),
-            column.masked_fill(~regions, -1).amax(dim=-1) + 1,
-            row.masked_fill(~regions, -1).amax(dim=-1) + 1,
-        ],
-        dim=-1,
-    ).to(maps.dtype)
+    regions = regions.view(rows, num_objects, height, width)
+    # SAM's own box convention (inclusive corners): its prompt encoder adds half a cell, so each
+    # corner lands on the centre of the region's first and last cell, inside the grid.
+    boxes = batched_mask_to_box(regions).to(maps.dtype)
     return PseudoPrompts(
         probability=probability.view(rows, height, width).to(maps.dtype),
         foreground=foreground.view(rows, height, width),
-        regions=regions.view(rows, num_objects, height, width),
+        regions=regions,
         points=points,
         boxes=boxes,
     )
@@ -314,7 +326,7 @@ class SamPromptEncoding(nn.Module):
         source: PromptEncoder,
         grid: int,
         prompt_types: Sequence[str],
-        dense_prompt: str = "mean",
+        dense_prompt: str = "union",
         mask_logit: float = 10.0,
     ) -> None:
         """
@@ -322,7 +334,8 @@ class SamPromptEncoding(nn.Module):
             source: a SAM prompt encoder whose weights are copied.
             grid: side of the CLIP patch grid the prompts live on.
             prompt_types: which of ``"point"``, ``"box"``, ``"mask"`` to embed.
-            dense_prompt: ``"mean"``/``"sum"`` of the N_o region embeddings or ``"union"``.
+            dense_prompt: ``"union"`` (SAM's mask prompt of the regions' union) or ``"mean"``
+                (the average of the N_o region embeddings; see :class:`EscNetConfig`).
             mask_logit: κ of the ±κ mask logits.
         """
         super().__init__()
@@ -364,18 +377,16 @@ class SamPromptEncoding(nn.Module):
         masks = prompts.regions.to(dtype)
         if self.dense_prompt == "union":
             masks = masks.amax(dim=1, keepdim=True)
+        # SAM mask prompts are logits at 4× the embedding grid, thresholded at 0.
         masks = F.interpolate(masks.flatten(0, 1)[:, None], scale_factor=4, mode="nearest")
-        # SAM's mask_downscaling ends in a 1×1 convolution, which commutes with the mean (or sum)
-        # over the regions: reducing first runs that widest layer once per map instead of N_o
-        # times (the same numbers; the largest cost of the prompt encoder at big vocabularies).
+        masks = self.mask_logit * (2 * masks - 1)
+        if self.dense_prompt == "union":
+            return torch.cat(sparse, dim=1).to(dtype), encoder._embed_masks(masks)
+        # The mean over regions commutes with mask_downscaling's last 1×1 convolution, its widest
+        # layer: averaging before it runs that layer once per map instead of N_o times.
         *downscale, project = encoder.mask_downscaling
-        features = nn.Sequential(*downscale)(self.mask_logit * (2 * masks - 1))  # SAM mask logits
-        features = features.view(rows, -1, *features.shape[1:])
-        if self.dense_prompt == "sum":
-            dense = F.conv2d(features.sum(dim=1), project.weight)
-            dense = dense + features.shape[1] * project.bias[:, None, None]
-        else:
-            dense = project(features.mean(dim=1))
+        features = nn.Sequential(*downscale)(masks)
+        dense = project(features.view(rows, objects, *features.shape[1:]).mean(dim=1))
         return torch.cat(sparse, dim=1).to(dtype), dense
 
 
@@ -576,12 +587,6 @@ def _default_skip_layers(depth: int) -> tuple[int, int]:
     return (round(depth / 3) - 1, round(2 * depth / 3) - 1)
 
 
-def _zero_key_rows(gradient: Tensor, *, width: int) -> Tensor:
-    gradient = gradient.clone()
-    gradient[width : 2 * width] = 0
-    return gradient
-
-
 class EscNet(SegmentationMethod):
     """ESC-Net on a ViT CLIP: cost volume → K × (PPG → SAM block → VLF) → U-Net decoder.
 
@@ -598,10 +603,10 @@ class EscNet(SegmentationMethod):
         """
         Arguments:
             config: the settings; ``input_size`` fixes the patch grid the prompt encoder uses.
-            backbone: a ViT CLIP; its ``requires_grad`` flags are set to ``clip_finetune``.
+            backbone: a ViT CLIP; training the method sets its ``clip_finetune`` scope.
             sam: the SAM whose prompt encoder and decoder layers are copied (pretrained, or
-                random for the Table 2 b ablation); needed when ``use_sam``. Kept outside the
-                module tree for the training-free path when ``config.sam_pretrained``.
+                random for the Table 2 b ablation, or random for head weights to overwrite);
+                needed when ``use_sam``. Its image encoder is not used and may be absent.
         """
         super().__init__()
         if backbone.kind != "vit":
@@ -652,61 +657,39 @@ class EscNet(SegmentationMethod):
             widths=config.decoder_dims,
             skip_widths=config.skip_dims,
         )
-        # The full SAM (image encoder included) is not a submodule: it is not part of ESC-Net's
-        # weights, parameters or optimiser, only of the training-free path.
-        pretrained_sam = sam if (sam is not None and config.sam_pretrained) else None
-        object.__setattr__(self, "training_free_sam", pretrained_sam)
-        self._configure_clip_finetuning()
+        # The full pretrained SAM (image encoder included) serves only the training-free path. It
+        # is no submodule (not in ESC-Net's weights or optimiser) and is read from its checkpoint
+        # the first time that path runs, so a trained head never holds it. A dict, so that the
+        # shallow copies the demo makes share one loaded SAM.
+        self._loaded_sam: dict[str, SamBackbone] = {}
 
     # ----------------------------------------------------------------------------- training
-    def _configure_clip_finetuning(self) -> None:
-        """A16: ``"attention"`` trains the Q/V rows of every fused attention projection (a hook
-        zeroes the K rows' gradient) and the position embeddings of both towers."""
-        mode = self.config.clip_finetune
-        model = self.backbone.model
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(
-                mode == "full" or (mode == "attention" and name.endswith("positional_embedding"))
-            )
-        if mode != "attention":
-            return
-        for module in model.modules():
-            if not isinstance(module, nn.MultiheadAttention):
-                continue
-            for parameter in (module.in_proj_weight, module.in_proj_bias):
-                if parameter is None:
-                    continue
-                parameter.requires_grad_(True)
-                if not getattr(parameter, "_ovseg_key_rows_frozen", False):
-                    parameter.register_hook(
-                        functools.partial(_zero_key_rows, width=module.embed_dim)
-                    )
-                    parameter._ovseg_key_rows_frozen = True
+    def train(self, mode: bool = True) -> EscNet:
+        if mode:
+            self._set_clip_finetuning_scope()
+        return super().train(mode)
+
+    @property
+    def clip_finetuning_scope(self) -> str:
+        return self.config.clip_finetune
+
+    def _set_clip_finetuning_scope(self) -> None:
+        """A16: the ``"attention"`` scope trains the Q/V projections of every CLIP attention
+        block and the position embeddings of both towers; K is split off as a frozen buffer
+        (:mod:`ovseg.backbones.finetune`). Set when the method is trained, not when it is built,
+        so a backbone shared for inference is left untouched."""
+        set_finetuning_scope(self.backbone.model, self.clip_finetuning_scope)
 
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """AdamW groups (§5): CLIP and SAM (prompt encoder, two-way layers) at
-        ``base_lr · multiplier`` (2e-6), the rest at ``base_lr`` (2e-4).
-
-        CLIP's fused Q/K/V projections get no weight decay, so their frozen K rows stay put.
-        """
-        fused = {
-            id(parameter)
-            for module in self.backbone.model.modules()
-            if isinstance(module, nn.MultiheadAttention)
-            for parameter in (module.in_proj_weight, module.in_proj_bias)
-            if parameter is not None
-        }
-        groups: dict[str, list[nn.Parameter]] = {
-            "esc-net": [],
-            "clip": [],
-            "clip-qv": [],
-            "sam": [],
-        }
+        ``base_lr · multiplier`` (2e-6), the rest at ``base_lr`` (2e-4)."""
+        self._set_clip_finetuning_scope()
+        groups: dict[str, list[nn.Parameter]] = {"esc-net": [], "clip": [], "sam": []}
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
             if name.startswith("backbone."):
-                groups["clip-qv" if id(parameter) in fused else "clip"].append(parameter)
+                groups["clip"].append(parameter)
             elif name.startswith("prompt_encoding.") or (
                 name.startswith("sam_blocks.") and ".layer." in name
             ):
@@ -717,7 +700,6 @@ class EscNet(SegmentationMethod):
         rates = {
             "esc-net": base_lr,
             "clip": clip_lr,
-            "clip-qv": clip_lr,
             "sam": base_lr * self.config.sam_lr_multiplier,
         }
         decay = self.config.weight_decay
@@ -726,7 +708,7 @@ class EscNet(SegmentationMethod):
                 "name": name,
                 "params": params,
                 "lr": rates[name],
-                "weight_decay": 0.0 if name == "clip-qv" else decay,
+                "weight_decay": decay,
             }
             for name, params in groups.items()
             if params
@@ -757,10 +739,22 @@ class EscNet(SegmentationMethod):
             )
             return EscNetFeatures(clip=clip, sam_embeddings=None, head=True)
         clip = self.backbone.encode_image(normalised, dense_mode="maskclip")
-        sam_embeddings = None
-        if self.training_free_sam is not None:
-            sam_embeddings = self.training_free_sam.encode_image(images)
+        sam = self._pretrained_sam(images.device)
+        sam_embeddings = None if sam is None else sam.encode_image(images)
         return EscNetFeatures(clip=clip, sam_embeddings=sam_embeddings, head=False)
+
+    @property
+    def training_free_sam(self) -> SamBackbone | None:
+        """The full pretrained SAM of the training-free path once loaded (None before)."""
+        return self._loaded_sam.get("sam")
+
+    def _pretrained_sam(self, device: torch.device) -> SamBackbone | None:
+        """The full pretrained SAM, loaded on first use; None with ``sam_pretrained=False``."""
+        if not self.config.sam_pretrained:
+            return None
+        if "sam" not in self._loaded_sam:
+            self._loaded_sam["sam"] = load_sam_for(self.config)
+        return self._loaded_sam["sam"].to(device)
 
     # ----------------------------------------------------------------------------- segment
     def segment(
@@ -841,6 +835,14 @@ class EscNet(SegmentationMethod):
         self, clip: DenseFeatures, text: Tensor, cost_volume: Tensor, return_intermediates: bool
     ) -> SegmentationOutput:
         batch, classes, height, width = cost_volume.shape
+        window = self.config.window_size
+        if self.grid > window and self.grid % window and not self.config.window_padding:
+            raise OptionError(
+                f"window_size {window} does not divide ESC-Net's {self.grid}×{self.grid} patch "
+                f"grid (input_size {self.config.input_size}), so the Swin windows would be "
+                "padded. Use a window that divides the grid, an input_size whose grid it "
+                "divides, or window_padding=True to pad on purpose."
+            )
         missing = [i for i in self.skip_layers if f"layer{i}" not in clip.intermediates]
         if missing:
             raise ValueError(f"The CLIP features lack the skip layers {missing}.")
@@ -906,7 +908,7 @@ class EscNet(SegmentationMethod):
             (cost_volume / self.config.temperature).log_softmax(dim=1), size
         )
         sam = self.training_free_sam
-        if sam is None or features.sam_embeddings is None:
+        if features.sam_embeddings is None:
             intermediates = {"cost_volume": cost_volume} if return_intermediates else {}
             return SegmentationOutput(logits=class_log_prob, intermediates=intermediates)
         stride = features.clip.stride
@@ -918,7 +920,10 @@ class EscNet(SegmentationMethod):
             chunk_prompts = self._ppg(cost_volume[:, chunk].flatten(0, 1))
             prompts.append(chunk_prompts)
             points = (chunk_prompts.points + 0.5) * stride * scale
-            boxes = chunk_prompts.boxes * stride * scale
+            # Inclusive grid boxes → inclusive pixel boxes: from a region's first pixel to its
+            # last one, the frame SAM's predictor gives its prompt encoder.
+            last_pixel = chunk_prompts.boxes.new_tensor([0, 0, stride - 1, stride - 1])
+            boxes = (chunk_prompts.boxes * stride + last_pixel) * scale
             for b in range(batch):
                 rows = slice(b * (chunk.stop - chunk.start), (b + 1) * (chunk.stop - chunk.start))
                 coords = points[rows].reshape(-1, 1, 2)
@@ -967,11 +972,17 @@ def _stack_block_prompts(
 # ----------------------------------------------------------------------------------- builder
 
 
-def load_sam_for(config: EscNetConfig, device: str | torch.device | None = None) -> SamBackbone:
+def load_sam_for(
+    config: EscNetConfig,
+    device: str | torch.device | None = None,
+    *,
+    image_encoder: bool = True,
+) -> SamBackbone:
     """The SAM an ESC-Net config names: its checkpoint (the shipped toy SAM by default), or a
-    random one of the architecture with ``sam_pretrained=False``."""
+    random one of the architecture with ``sam_pretrained=False``; ``image_encoder=False`` keeps
+    only the prompt encoder and mask decoder that the head copies."""
     if not config.sam_pretrained:
-        return build_sam(config.sam, None, device=device)
+        return build_sam(config.sam, None, device=device, image_encoder=image_encoder)
     checkpoint = config.sam_checkpoint
     if checkpoint is None:
         if config.sam != "toy":
@@ -981,7 +992,7 @@ def load_sam_for(config: EscNetConfig, device: str | torch.device | None = None)
             )
         checkpoint = ovseg.backbones.ASSETS_DIR / TOY_SAM_CHECKPOINT
     try:
-        return build_sam(config.sam, checkpoint, device=device)
+        return build_sam(config.sam, checkpoint, device=device, image_encoder=image_encoder)
     except (FileNotFoundError, ValueError) as error:
         raise WeightsError(f"Cannot load the SAM for ESC-Net: {error}") from error
 
@@ -1012,24 +1023,25 @@ def build_esc_net(
     CLIP): the method then gets its own copy.
 
     Raises:
-        WeightsError: if an explicit ``weights`` file or the SAM checkpoint is missing or does
-            not fit.
+        WeightsError: if an explicit ``weights`` file is missing or does not fit, or, without
+            head weights, the SAM checkpoint.
     """
     shared = isinstance(backbone, ClipBackbone)
     if isinstance(backbone, str):
         config = {**config, "backbone": backbone}
     if sam_checkpoint is not None:
         config = {**config, "sam_checkpoint": str(sam_checkpoint)}
-    backbone_name = backbone.name if shared else config.get("backbone", EscNetConfig.backbone)
-    weights_path = None
     if weights is not None:
         weights_path = weights_file(weights)
         if not weights_path.is_file():
             raise WeightsError(f"No ESC-Net weights file at {weights_path}.")
-    elif "toy-vit" in backbone_name and config.get("pretrained") is None:
+    else:
         # The shipped head belongs to the trained toy CLIP, not to a random or other one.
-        shipped = ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS
-        weights_path = shipped if shipped.is_file() else None
+        weights_path = shipped_weights_for(
+            backbone if shared else config.get("backbone", EscNetConfig.backbone),
+            config.get("pretrained"),
+            SHIPPED_WEIGHTS,
+        )
     saved = saved_config(weights_path, "esc-net", EscNetConfig)
     settings, keep = settings_for_weights(
         EscNetConfig, saved, config, shipped=weights is None, name="esc-net"
@@ -1043,10 +1055,14 @@ def build_esc_net(
             clip.clear_text_cache()
     else:
         clip = load_backbone(settings.backbone, settings.pretrained, device=device)
-    sam = load_sam_for(settings, device=device)
-    method = EscNet(config=settings, backbone=clip, sam=sam)
-    if device is not None:
-        method = method.to(device)
     if weights_path is not None:
+        # The head file holds every SAM part ESC-Net uses (prompt encoder, two-way layers), so
+        # SAM's architecture is enough: its checkpoint is read only if the training-free path runs.
+        sam = build_sam(settings.sam, None, device=device, image_encoder=False)
+        method = EscNet(config=settings, backbone=clip, sam=sam).to(device)
         method.trained_head = load_head_weights(method, weights_path, shipped=weights is None)
-    return method.eval()
+        if method.trained_head:
+            return method.eval()
+    # No head (or a shipped one that does not fit, as a warning said): SAM's pretrained parts.
+    sam = load_sam_for(settings, device=device, image_encoder=False)
+    return EscNet(config=settings, backbone=clip, sam=sam).to(device).eval()

@@ -59,7 +59,8 @@ def draw_pseudo_prompts(
         image: ``H×W×3`` uint8.
         regions: ``N_o×h×w`` bool k-means regions on the feature grid.
         points: ``N_o×2`` peak of each region as (x, y) grid cells.
-        boxes: ``N_o×4`` (x0, y0, x1, y1) in grid units, x1/y1 exclusive.
+        boxes: ``N_o×4`` (x0, y0, x1, y1) in grid units, inclusive corner cells (SAM's
+            ``batched_mask_to_box`` convention).
         alpha: opacity of the region fills.
     """
     count, height, width = regions.shape
@@ -79,7 +80,7 @@ def draw_pseudo_prompts(
         if boxes is not None:
             x0, y0, x1, y1 = boxes[index]
             draw.rectangle(
-                [x0 * scale_x, y0 * scale_y, x1 * scale_x - 1, y1 * scale_y - 1],
+                [x0 * scale_x, y0 * scale_y, (x1 + 1) * scale_x - 1, (y1 + 1) * scale_y - 1],
                 outline=colour,
                 width=2,
             )
