@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +38,7 @@ TEMPLATES = (
     "a sculpture of a {}.",
 )
 VOCABULARY = ["sky", ("grass", "lawn"), "cat", "dog"]
+PAPER_CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs" / "paper"
 SIZE = 128
 
 
@@ -160,6 +163,42 @@ def test_main_cost_volume_matches_a_per_pixel_cosine_loop(model):
     )
 
 
+@pytest.mark.parametrize(
+    ("prompt_mode", "cost_fusion"),
+    [
+        ("avg", "avg_emb"),
+        ("text", "avg_emb"),
+        ("visual", "avg_emb"),
+        ("avg", "avg_cos"),
+        ("avg", "cat"),
+    ],
+)
+def test_table_2_switches_compute_their_cost_volumes(model, monkeypatch, prompt_mode, cost_fusion):
+    """Table 2a (R = T, V or their mean) and 2b (mean of the two cost volumes, or both)."""
+    monkeypatch.setattr(
+        model, "config", model.config.replace(prompt_mode=prompt_mode, cost_fusion=cost_fusion)
+    )
+    generator = torch.Generator().manual_seed(9)
+    dim = model.backbone.embed_dim
+    image = torch.randn(1, dim, 3, 4, generator=generator)
+    text = torch.randn(1, 3, 4, dim, generator=generator)
+    visual = torch.randn(1, 3, 4, dim, generator=generator)
+    pixels = F.normalize(image, dim=1)
+
+    def cosine(prompts):
+        return torch.einsum("bdhw,bkmd->bkmhw", pixels, F.normalize(prompts, dim=-1))
+
+    expected = {
+        ("avg", "avg_emb"): cosine(F.normalize(text, dim=-1) + F.normalize(visual, dim=-1)),
+        ("text", "avg_emb"): cosine(text),
+        ("visual", "avg_emb"): cosine(visual),
+        ("avg", "avg_cos"): (cosine(text) + cosine(visual)) / 2,
+        ("avg", "cat"): torch.cat([cosine(text), cosine(visual)], dim=2),
+    }[(prompt_mode, cost_fusion)]
+    cost = model.cost_volume(image, DualPrompts(text=text, visual=visual, pooled=()))
+    torch.testing.assert_close(cost, expected, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------ 3. F_v^j (Eq. 2)
 
 
@@ -202,6 +241,26 @@ def test_pooled_prompt_features_are_stage_means_of_the_frozen_copy(model):
     for level, stride in zip(pooled, (4, 8, 16), strict=True):
         expected = reference.intermediates[f"stride{stride}"].mean(dim=(2, 3))
         torch.testing.assert_close(level, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scales", [(2, 3, 4), (2,)])
+def test_each_visual_cost_volume_guides_the_decoder(backbone, cache_dir, scales):
+    """Changing V̄_j changes the logits exactly for the scales j that feed F_v^j (Table 3)."""
+    torch.manual_seed(10)
+    method = DPSeg(
+        config=small_config(cache_dir, input_size=64, visual_cost_scales=scales),
+        backbone=backbone,
+    ).eval()
+    with torch.no_grad():
+        features = method.encode_image(torch.rand(1, 3, 64, 64))
+        prompts = method.dual_prompts(VOCABULARY, 1)
+        logits = method.decode(features, prompts)
+        for index, j in enumerate((2, 3, 4)):
+            pooled = list(prompts.pooled)
+            pooled[index] = pooled[index].roll(1, dims=1)  # every class gets another's V̄_j
+            changed = method.decode(features, dataclasses.replace(prompts, pooled=tuple(pooled)))
+            difference = (changed - logits).abs().max()
+            assert (difference > 1e-3) == (j in scales), (j, difference)
 
 
 # ---------------------------------------------------------------------- 4. cost embedding
@@ -270,6 +329,36 @@ def test_permuting_the_classes_permutes_the_logits(model, features):
         first = model.segment(features, VOCABULARY, head=True, inference="II").logits
         again = model.segment(features, vocabulary, head=True, inference="II").logits
     torch.testing.assert_close(again, first[:, order], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention_type", ["linear", "full"])
+def test_class_attention_lets_each_class_see_the_others(backbone, cache_dir, attention_type):
+    """The class attention is the decoder's only path between classes: other classes' prompts
+    change a class's logits, and do not once it is removed."""
+    torch.manual_seed(11)
+    method = DPSeg(
+        config=small_config(cache_dir, input_size=64, attention_type=attention_type),
+        backbone=backbone,
+    ).eval()
+    with torch.no_grad():
+        features = method.encode_image(torch.rand(1, 3, 64, 64))
+        prompts = method.dual_prompts(VOCABULARY, 1)
+        others = prompts.classes(slice(1, None))
+        replaced = DualPrompts(  # class 3 takes class 1's prompts; classes 0-2 are unchanged
+            text=torch.cat([prompts.text[:, :3], others.text[:, :1]], dim=1),
+            visual=torch.cat([prompts.visual[:, :3], others.visual[:, :1]], dim=1),
+            pooled=tuple(torch.cat([p[:, :3], p[:, 1:2]], dim=1) for p in prompts.pooled),
+        )
+        logits = method.decode(features, prompts)
+        changed = method.decode(features, replaced)
+        assert (changed[:, :3] - logits[:, :3]).abs().max() > 1e-3
+        for stage in method.decoder.stages:
+            stage.class_attention.forward = lambda x: x
+            stage.class_attention.mix = lambda tokens: torch.zeros_like(tokens)
+        without = method.decode(features, prompts)
+        torch.testing.assert_close(
+            method.decode(features, replaced)[:, :3], without[:, :3], atol=1e-6, rtol=0
+        )
 
 
 def test_chunking_over_classes_does_not_change_the_result(model, features, monkeypatch):
@@ -342,8 +431,27 @@ def test_training_step_trains_only_the_image_encoder_and_the_head(toy_convnext, 
     assert any(
         not torch.equal(p, q) for p, q in zip(method.decoder.parameters(), head_before, strict=True)
     )
-    assert TRAINING_RECIPE["optimizer"] == "AdamW" and TRAINING_RECIPE["iterations"] == 80_000
-    assert (TRAINING_RECIPE["batch_size"], TRAINING_RECIPE["crop_size"]) == (4, 768)
+
+
+@pytest.mark.parametrize("name", ["dpseg-convnext-b-768", "dpseg-convnext-l-768"])
+def test_the_paper_configs_train_with_the_papers_recipe(name):
+    """§5: what the trainer reads from the paper configs is the recipe DPSeg states."""
+    from training.train import TrainConfig
+
+    config = TrainConfig.from_file(PAPER_CONFIGS / f"{name}.json", [])
+    recipe = TRAINING_RECIPE
+    assert config.base_lr == recipe["base_lr"] and config.weight_decay == recipe["weight_decay"]
+    assert (config.schedule, config.warmup, config.grad_clip) == (
+        recipe["schedule"],
+        recipe["warmup"],
+        recipe["grad_clip"],
+    )
+    assert config.iterations == recipe["iterations"]
+    assert config.dataset["crop_size"] == config.method_config["input_size"] == recipe["crop_size"]
+    assert config.batch_size * 2 == recipe["batch_size"]  # per GPU, on the paper's two V100s
+    settings = DPSegConfig().replace(**config.method_config)
+    assert settings.encoder_lr_multiplier == recipe["encoder_lr_multiplier"]
+    assert settings.weight_decay == recipe["weight_decay"]
 
 
 # -------------------------------------------------------------------------------- 9. loss
@@ -387,24 +495,104 @@ def test_inference_ii_without_detections_reproduces_pass_one(model, features):
     assert torch.equal(output.logits, output.intermediates["pass1_logits"])
 
 
-def test_inference_ii_replaces_only_the_detected_classes(model, features):
-    prompts = model.dual_prompts(VOCABULARY, 1)
+def _expected_crop(model, image, label_map, k, mode="masked"):
+    """Class k's Inference II crop, cut here from the label map (not by refine_prompts)."""
+    fill = model.backbone.image_mean.view(3)
+    return crop_class_region(image, label_map == k, size=64, fill=fill, mode=mode)
+
+
+# Class 2 fills the right half, class 3 a tall narrow box on the left, class 0 the rest: a
+# transposed mask would crop other pixels.
+def _label_map():
     label_map = torch.zeros(1, SIZE, SIZE, dtype=torch.long)
     label_map[:, :, SIZE // 2 :] = 2
-    label_map[:, 10:20, 5:9] = 3
-    refined, detected, crops = model.refine_prompts(features, prompts, label_map)
+    label_map[:, 10:40, 5:9] = 3
+    return label_map
+
+
+@pytest.mark.parametrize("crop_mode", ["masked", "bbox"])
+def test_inference_ii_replaces_only_the_visual_prompts_of_detected_classes(
+    model, features, crop_mode
+):
+    """§4.3: a detected class's crop replaces its visual prompt V for all M templates; an
+    undetected class keeps its prompt; T and the decoder's V̄_j stay as they were."""
+    prompts = model.dual_prompts(VOCABULARY, 1)
+    label_map = _label_map()
+    refined, detected, crops = model.refine_prompts(
+        features, prompts, label_map, crop_mode=crop_mode
+    )
     assert detected == [[0, 2, 3]] and set(crops[0]) == {0, 2, 3}
-    assert refined.text is prompts.text
+    assert torch.equal(refined.text, prompts.text)
     assert torch.equal(refined.visual[:, 1], prompts.visual[:, 1])
+    for level, original in zip(refined.pooled, prompts.pooled, strict=True):
+        assert torch.equal(level, original)
     for k in (0, 2, 3):
-        embedding, pooled = model.encode_prompt_images(crops[0][k][None])
-        for m in range(4):
-            torch.testing.assert_close(refined.visual[0, k, m], embedding[0])
-            for level, expected in zip(refined.pooled, pooled, strict=True):
-                torch.testing.assert_close(level[0, k, m], expected[0])
+        expected = _expected_crop(model, features.images[0], label_map[0], k, crop_mode)
+        assert torch.equal(crops[0][k], expected)
+        embedding, _ = model.encode_prompt_images(expected[None])
+        torch.testing.assert_close(refined.visual[0, k], embedding.expand(4, -1))
         assert not torch.equal(refined.visual[0, k], prompts.visual[0, k])
+    other = "bbox" if crop_mode == "masked" else "masked"
+    assert not torch.equal(  # class 0's box holds class 3
+        crops[0][0], _expected_crop(model, features.images[0], label_map[0], 0, other)
+    )
+
+
+def test_refining_the_stage_features_too_is_an_option(model, features):
+    """The spec's reading (an ablation): the crops replace V̄_j of detected classes as well."""
+    prompts = model.dual_prompts(VOCABULARY, 1)
+    label_map = _label_map()
+    refined, _, crops = model.refine_prompts(
+        features, prompts, label_map, refine_stage_features=True
+    )
+    for k in (0, 2, 3):
+        _, pooled = model.encode_prompt_images(crops[0][k][None])
+        for level, expected in zip(refined.pooled, pooled, strict=True):
+            torch.testing.assert_close(level[0, k], expected.expand(4, -1))
     for level, original in zip(refined.pooled, prompts.pooled, strict=True):
         assert torch.equal(level[:, 1], original[:, 1])
+        assert not torch.equal(level[:, 0], original[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("given", "crop_mode"),
+    [({}, "masked"), ({"crop_mode": "bbox"}, "bbox"), ({"config": "bbox"}, "bbox")],
+)
+def test_pass_two_reruns_the_head_on_the_crops_of_pass_one(
+    model, features, monkeypatch, given, crop_mode
+):
+    """Pass II = the head on pass I's prompts with V of each detected class replaced by the
+    embedding of its crop (cut in ``crop_mode`` from pass I's argmax), V̄_j kept."""
+    given = dict(given)
+    if "config" in given:
+        monkeypatch.setattr(model, "config", model.config.replace(crop_mode=given.pop("config")))
+    with torch.no_grad():
+        output = model.segment(
+            features, VOCABULARY, head=True, inference="II", return_intermediates=True, **given
+        )
+        labels = output.intermediates["pass1_logits"].argmax(dim=1)[0]
+        detected = output.intermediates["detected_classes"][0]
+        assert detected == sorted(set(labels.unique().tolist()))
+        crops = [_expected_crop(model, features.images[0], labels, k, crop_mode) for k in detected]
+        embedding, _ = model.encode_prompt_images(torch.stack(crops))
+        prompts = model.dual_prompts(VOCABULARY, 1)
+        visual = prompts.visual.clone()
+        visual[0, detected] = embedding[:, None]
+        refined = DualPrompts(text=prompts.text, visual=visual, pooled=prompts.pooled)
+        expected = model._pass(features, refined, True, None)
+    torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
+    assert not torch.equal(output.logits, output.intermediates["pass1_logits"])
+    shown = output.intermediates["refined_prompt_images"][0]
+    assert list(shown) == detected
+    for k, crop in zip(detected, crops, strict=True):
+        uint8 = (crop.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(shown[k], uint8)
+    # The other crop mode would have given other prompts: the setting is not ignored.
+    other = "bbox" if crop_mode == "masked" else "masked"
+    assert any(
+        not torch.equal(crop, _expected_crop(model, features.images[0], labels, k, other))
+        for k, crop in zip(detected, crops, strict=True)
+    )
 
 
 def test_inference_ii_runs_the_image_encoder_once(model, images):
@@ -611,6 +799,9 @@ def test_the_shipped_toy_head_is_found_by_default(
     monkeypatch.setattr(backbone_registry, "ASSETS_DIR", tmp_path)
     save_weights(model, tmp_path / "dpseg-toy")
     method = build_dpseg(backbone=backbone, prompt_cache_dir=str(cache_dir))
+    assert not method.trained_head  # a random toy CLIP is not the one the head was trained on
+    monkeypatch.setattr(backbone, "name", f"local-dir:{tmp_path / 'clip-toy-convnext'}")
+    method = build_dpseg(backbone=backbone, prompt_cache_dir=str(cache_dir))
     assert method.trained_head and "dpseg" in METHODS
 
 
@@ -619,6 +810,36 @@ def test_predictor_end_to_end(model):
     predictor.set_image(np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8))
     prediction = predictor.predict(["sky", "grass", "cat"], options={"dpseg": {"head": True}})
     assert prediction["dpseg"].label_map.shape == (100, 120)
+
+
+@pytest.mark.parametrize(("field", "value"), [("seed", 1), ("resolution", 32)])
+def test_remembered_prompts_follow_the_banks_seed_and_resolution(model, monkeypatch, field, value):
+    """The bank's seed picks the images and its resolution is what they are encoded at: a
+    changed bank gives its own prompts, not the ones remembered from before."""
+    before = model.visual_prompts(VOCABULARY).embeddings
+    monkeypatch.setattr(model.prompt_bank, field, value)
+    after = model.visual_prompts(VOCABULARY).embeddings
+    expected = model.prompt_bank.embeddings(VOCABULARY, model.templates, 2).embeddings
+    assert torch.equal(after, expected) and not torch.equal(after, before)
+    monkeypatch.undo()
+    assert torch.equal(model.visual_prompts(VOCABULARY).embeddings, before)
+
+
+def test_the_diffusers_dtype_is_a_setting_and_part_of_the_bank_keys(backbone, cache_dir):
+    """A CPU reads a bank drawn in float16 on a GPU by asking for float16 (nothing is loaded)."""
+    banks = {
+        dtype: DPSeg(
+            config=small_config(cache_dir, prompt_generator="sd15", prompt_dtype=dtype),
+            backbone=backbone,
+        ).prompt_bank
+        for dtype in ("float16", "float32")
+    }
+    assert banks["float16"].generator.dtype == torch.float16
+    assert banks["float16"].generator._pipeline is None
+    entry = banks["float16"].entries(["cat"], TEMPLATES)[0][0]
+    assert banks["float16"].image_path(entry) != banks["float32"].image_path(entry)
+    with pytest.raises(ValueError, match="prompt_dtype"):
+        DPSeg(config=small_config(cache_dir, prompt_dtype="half"), backbone=backbone)
 
 
 def test_inference_ii_keeps_pass_one_logits_only_when_intermediates_are_asked(model, features):
@@ -768,7 +989,9 @@ def test_refinement_encodes_the_crops_per_encoder_batch(model, images, monkeypat
     stripes = torch.arange(SIZE) * 7 // SIZE  # classes 0-6 across the image
     # Image 0: seven columns of classes; image 1: five rows (0-4): 12 crops, 6 encoder batches.
     label_map = torch.stack([stripes.expand(SIZE, SIZE), (stripes % 5)[:, None].expand(SIZE, SIZE)])
-    refined, detected, crops = model.refine_prompts(features, prompts, label_map)
+    refined, detected, crops = model.refine_prompts(
+        features, prompts, label_map, refine_stage_features=True
+    )
     owners = [(b, k) for b, classes in enumerate(detected) for k in classes]
     assert len(owners) == 12
     embedding, pooled = model.encode_prompt_images(torch.stack([crops[b][k] for b, k in owners]))

@@ -423,3 +423,31 @@ def test_black_stable_diffusion_images_are_reseeded_then_reported():
         with pytest.raises(BlackPromptImageError, match="person"):
             always_black.generate("person", 0, "a photo of a {}.", seed=3)
     assert len(always_black.black_images) == 3
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [({"dtype": torch.float16}, "float16"), ({"safety_checker": False}, "safety=off")],
+)
+def test_stable_diffusion_settings_that_change_the_images_key_the_cache(tmp_path, changes, named):
+    """Half precision draws other images, and without the safety checker an image it would
+    black out is kept: neither may be served from the other's cache."""
+    settings = {"model": "fake", "resolution": 8, "device": "cpu", "progress": False}
+    reference = StableDiffusionGenerator(pipeline=fake_pipeline(0), **settings)
+    other = StableDiffusionGenerator(pipeline=fake_pipeline(0), **settings)
+    assert reference.id == other.id and "float32" in reference.id and "safety=on" in reference.id
+    if "dtype" in changes:
+        other = StableDiffusionGenerator(pipeline=fake_pipeline(0), **settings, **changes)
+    else:  # a ready pipeline is keyed by its own safety checker, here none
+        pipeline = fake_pipeline(0)
+        pipeline.safety_checker = None
+        other = StableDiffusionGenerator(pipeline=pipeline, **settings)
+    assert named in other.id and other.id != reference.id
+    lazy = StableDiffusionGenerator(**settings, **changes)  # nothing loaded: keyed by the setting
+    assert lazy._pipeline is None and named in lazy.id
+    first, second = make_bank(reference, tmp_path), make_bank(other, tmp_path)
+    first.images(["cat"], TEMPLATES[:1])
+    assert len(reference._pipeline.calls) == 1
+    assert second.missing(["cat"], TEMPLATES[:1], kind="images")
+    second.images(["cat"], TEMPLATES[:1])
+    assert len(other._pipeline.calls) == 1

@@ -12,8 +12,9 @@ paper's §4:
   that K = 171 at 1/4 scale fits in memory. Without autograd the decoder streams chunks of
   classes through each stage (``class_chunk``): only stage inputs and outputs span all classes.
 - §4.3 semantic-guided prompt refinement (Inference II): each class found by pass I has all of its
-  visual prompts replaced by the embedding of its masked crop of the image, and the head runs
-  again on the image features of pass I.
+  visual prompts V replaced by the embedding of its masked crop of the image, and the head runs
+  again on the image features of pass I. The pooled stage features V̄_j of Eq. 2 stay those of
+  the generated prompts (``refine_stage_features`` replaces them too, see :class:`DPSegConfig`).
 
 Without a trained head, DPSeg runs training-free: the template-averaged dual-prompt cost volume,
 refined by Inference II, argmax (DESIGN.md §5). Implementation choices the paper leaves open
@@ -49,6 +50,7 @@ from ovseg.methods.base import (
     load_head_weights,
     register_method,
     settings_for_weights,
+    shipped_weights_for,
     upsample_logits,
 )
 from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
@@ -170,10 +172,21 @@ class DPSegConfig(MethodConfig):
     prompt_resolution: side of the prompt images and of the Inference II crops. None: the
         input size (the paper: 768) for real CLIPs, 128 for the toy CLIP.
     prompt_seed: base seed of the prompt bank.
+    prompt_dtype: dtype a diffusers generator draws in ("float16", "bfloat16" or "float32");
+        None: float16 on CUDA, float32 elsewhere. It is part of the bank's keys (the two draw
+        different images), so a CPU reading a bank drawn on a GPU sets "float16".
     prompt_cache_dir: prompt bank folder (None: ``~/.cache/ovseg/visual_prompts``).
     inference: "II" (two passes, the paper's best) or "I"; training always uses "I".
     detection_threshold: τ, the share of pixels a class needs in pass I to be refined (0).
     crop_mode: "masked" (pixels outside the class filled with the CLIP mean colour) or "bbox".
+    refine_stage_features: Inference II also replaces V̄_j (Eq. 2) with the crop's pooled stage
+        features, not only V (an ablation; off by default). The paper says the crops replace the
+        class's visual prompts and does not say whether the decoder's F_v^j then come from
+        them; specs/dpseg.md §8.13 recommended replacing both. Crops of the image itself
+        match its own E_2 far better than generated prompts do: F_v^2 of the detected classes
+        about doubles over all pixels (0.15 → 0.30 on a toy-full scene), outside anything the
+        head saw in training. On the shipped toy head (8 toy-full scenes) pixel accuracy falls
+        from 54% in pass I to 4% in pass II with both replaced, and to 50% with V alone.
     encoder_lr_multiplier: α, the image encoder's learning-rate factor (0.01).
     weight_decay: AdamW weight decay of every group (1e-4).
     ignore_policy: "negative" (ignored pixels are negatives for every class, SED) or
@@ -208,10 +221,12 @@ class DPSegConfig(MethodConfig):
     prompts_per_class: int | None = None
     prompt_resolution: int | None = None
     prompt_seed: int = 0
+    prompt_dtype: str | None = None
     prompt_cache_dir: str | None = None
     inference: str = "II"
     detection_threshold: float = 0.0
     crop_mode: str = "masked"
+    refine_stage_features: bool = False
     encoder_lr_multiplier: float = 0.01
     weight_decay: float = 1e-4
     ignore_policy: str = "negative"
@@ -235,6 +250,7 @@ def _validate(config: DPSegConfig) -> None:
     _check_choice("attention_type", config.attention_type, ("linear", "full"))
     _check_choice("inference", config.inference, ("I", "II"))
     _check_choice("crop_mode", config.crop_mode, ("masked", "bbox"))
+    _check_choice("prompt_dtype", config.prompt_dtype, (None, "float16", "bfloat16", "float32"))
     _check_choice("ignore_policy", config.ignore_policy, ("negative", "exclude"))
     if not set(config.visual_cost_scales) <= {2, 3, 4}:
         raise ValueError(
@@ -1066,7 +1082,9 @@ class DPSeg(SegmentationMethod):
                 )
             else:
                 generator = StableDiffusionGenerator(
-                    model=SD_ALIASES.get(name, name), resolution=config.prompt_resolution
+                    model=SD_ALIASES.get(name, name),
+                    resolution=config.prompt_resolution,
+                    dtype=getattr(torch, config.prompt_dtype) if config.prompt_dtype else None,
                 )
         if config.prompt_noise > 0:
             generator = NoisyPromptGenerator(generator, noise=config.prompt_noise)
@@ -1132,12 +1150,17 @@ class DPSeg(SegmentationMethod):
     def visual_prompts(self, vocabulary: VocabularyLike) -> VisualPromptEmbeddings:
         """V (``K×M×D_z``) and V̄_j (``K×M×D_j``) of a vocabulary, from the prompt bank."""
         parameter = next(self.cost_embedding.parameters())
+        bank = self.prompt_bank
+        # Everything the bank's answer depends on: its seed picks the images and its
+        # resolution is what they are encoded at (both can be set on a ready bank).
         key = (
             tuple(tuple([c] if isinstance(c, str) else c) for c in vocabulary),
             self.templates,
             self.config.prompts_per_class,
             self.prompt_encoder_id(),
-            self.prompt_bank.generator.id,
+            bank.generator.id,
+            bank.seed,
+            bank.resolution,
             parameter.device,
             parameter.dtype,
         )
@@ -1324,14 +1347,17 @@ class DPSeg(SegmentationMethod):
         *,
         detection_threshold: float = 0.0,
         crop_mode: str = "masked",
+        refine_stage_features: bool = False,
     ) -> tuple[DualPrompts, list[list[int]], list[dict[int, Tensor]]]:
         """Semantic-guided prompt refinement (§4.3).
 
         For each image and each class detected in its pass-I label map, the masked crop of the
-        class is encoded by the frozen prompt encoder and replaces V and V̄_j of that class for
-        all M templates. Other classes and T are unchanged. The crops are cut from the image as
-        the network saw it (``features.images``, at the input size): ``segment`` never receives
-        the original, and the Predictor resizes it to the input size anyway.
+        class is encoded by the frozen prompt encoder and replaces V of that class for all M
+        templates. Other classes, T and (unless ``refine_stage_features``) V̄_j are unchanged:
+        the head was trained with V̄_j of generated prompts, and crop features of the image
+        itself put F_v^j outside that range (see :class:`DPSegConfig`). The crops are cut from
+        the image as the network saw it (``features.images``, at the input size): ``segment``
+        never receives the original, and the Predictor resizes it to the input size anyway.
 
         Arguments:
             features: the image features of pass I (the image encoder does not run again).
@@ -1339,6 +1365,7 @@ class DPSeg(SegmentationMethod):
             label_map: ``B×H×W`` pass-I argmax at the input resolution.
             detection_threshold: τ (share of pixels).
             crop_mode: "masked" or "bbox".
+            refine_stage_features: also replace V̄_j with the crops' (the spec's ablation).
 
         Returns:
             The pass-II prompts, the detected classes per image and the crops per image
@@ -1383,7 +1410,11 @@ class DPSeg(SegmentationMethod):
         refined = DualPrompts(
             text=prompts.text,
             visual=replace(prompts.visual, embedding),
-            pooled=tuple(replace(p, q) for p, q in zip(prompts.pooled, pooled, strict=True)),
+            pooled=(
+                tuple(replace(p, q) for p, q in zip(prompts.pooled, pooled, strict=True))
+                if refine_stage_features
+                else prompts.pooled
+            ),
         )
         return refined, detected, crops
 
@@ -1398,6 +1429,7 @@ class DPSeg(SegmentationMethod):
         inference: str | None = None,
         detection_threshold: float | None = None,
         crop_mode: str | None = None,
+        refine_stage_features: bool | None = None,
         head: bool | None = None,
         **options: Any,
     ) -> SegmentationOutput:
@@ -1407,6 +1439,8 @@ class DPSeg(SegmentationMethod):
             inference: "I" or "II" (default ``config.inference``; "I" in training mode).
             detection_threshold: τ for Inference II (default ``config.detection_threshold``).
             crop_mode: "masked" or "bbox" (default ``config.crop_mode``).
+            refine_stage_features: Inference II also replaces V̄_j, not only V (default
+                ``config.refine_stage_features``; an ablation).
             head: True runs the decoder, False the training-free path; default: the decoder when
                 it is trained (``trained_head``) or being trained (training mode).
 
@@ -1422,8 +1456,8 @@ class DPSeg(SegmentationMethod):
         """
         if options:
             raise ValueError(
-                f"dpseg takes the options inference, detection_threshold, crop_mode and head; "
-                f"got {sorted(options)}."
+                f"dpseg takes the options inference, detection_threshold, crop_mode, "
+                f"refine_stage_features and head; got {sorted(options)}."
             )
         mode = inference or ("I" if self.training else self.config.inference)
         _check_choice("inference", mode, ("I", "II"))
@@ -1453,6 +1487,11 @@ class DPSeg(SegmentationMethod):
                     else detection_threshold
                 ),
                 crop_mode=crop_mode or self.config.crop_mode,
+                refine_stage_features=(
+                    self.config.refine_stage_features
+                    if refine_stage_features is None
+                    else refine_stage_features
+                ),
             )
             if return_intermediates:
                 intermediates["refined_prompt_images"] = [
@@ -1604,12 +1643,12 @@ def build_dpseg(
     shared = isinstance(backbone, ClipBackbone)
     weights_path = Path(weights) if weights is not None else None
     if weights_path is None:
-        backbone_name = backbone.name if shared else config.get("backbone", settings.backbone)
-        shipped = shipped_weights_path()
-        toy = backbone_name == "toy-convnext" or (shared and _is_toy_clip(backbone))
         # The shipped head belongs to the trained toy CLIP, not to a random or other one.
-        toy = toy and config.get("pretrained") is None
-        weights_path = shipped if toy and shipped.is_file() else None
+        weights_path = shipped_weights_for(
+            backbone if shared else config.get("backbone", settings.backbone),
+            config.get("pretrained"),
+            shipped_weights_path().name,
+        )
     saved = _recorded_config(weights_path) if weights_path is not None else {}
     settings, keep = settings_for_weights(
         DPSegConfig, saved, config, shipped=weights is None, name="dpseg"

@@ -293,6 +293,7 @@ class StableDiffusionGenerator:
                 (DPMSolverMultistep, good at about 25 steps).
             negative_prompt: optional; the spec uses none.
             safety_checker: keep the pipeline's safety checker (False loads it without one).
+                With ``pipeline`` given, read from it, as is ``dtype``.
             reseeds: how often to retry a black image with a new seed.
             batch_size: images per pipeline call.
             device: where to run (default: CUDA if available, else CPU).
@@ -313,11 +314,19 @@ class StableDiffusionGenerator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.progress = progress
+        if pipeline is not None:
+            # A ready pipeline runs in its own dtype, with or without its own safety checker.
+            self.dtype = getattr(pipeline, "dtype", self.dtype)
+            if hasattr(pipeline, "safety_checker"):
+                self.safety_checker = pipeline.safety_checker is not None
         self._pipeline = None if pipeline is None else self._configure(pipeline)
         self.black_images: list[tuple[str, int]] = []
+        # Everything that changes the pixels: half and full precision draw different images, and
+        # without the safety checker an image it would have blacked out (and re-seeded) is kept.
         self.id = (
             f"diffusers:{self.model}:res{resolution}:steps{steps}:cfg{guidance_scale:g}:"
-            f"{scheduler}:neg={negative_prompt or ''}"
+            f"{scheduler}:neg={negative_prompt or ''}:{str(self.dtype).removeprefix('torch.')}:"
+            f"safety={'on' if self.safety_checker else 'off'}"
         )
 
     @property
