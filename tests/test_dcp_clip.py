@@ -844,11 +844,12 @@ def test_vit_b16_shapes_at_384():
 
 
 def test_tag_validation_on_a_real_clip_takes_a_benchmarks_seen_classes_from_its_table(
-    method, monkeypatch
+    backbone, monkeypatch
 ):
     from ovseg.vocabulary import coco_stuff_overlap, load_vocabulary
 
-    monkeypatch.setattr(method.backbone, "name", "ViT-B-16")  # a real CLIP: COCO-Stuff's seen set
+    monkeypatch.setattr(backbone, "name", "ViT-B-16")  # a real CLIP: COCO-Stuff's seen set
+    method = DcpClip(config=small_config(), backbone=backbone)
     for name in ("ade-150", "ade-847", "voc-20"):
         vocabulary = load_vocabulary(name)
         seen = method._seen_mask(vocabulary.classes, None, "cpu")
