@@ -94,3 +94,22 @@ def test_latency_names_the_device_and_refuses_a_gpu_that_is_not_there():
     )  # fmt: skip
     assert result.returncode != 0
     assert "no CUDA device" in result.stderr
+
+
+def test_reference_logits_match_themselves_and_report_a_changed_method(tmp_path):
+    references = tmp_path / "refs.safetensors"
+    case = ("--cases", "ldvc random head")
+    run("benchmarks/reference_logits.py", "--save", str(references), *case)
+    out = run("benchmarks/reference_logits.py", "--check", str(references), *case)
+    assert "| ldvc random head | short | (2, 10, 128, 128) | 0.00e+00 | yes |" in out
+    assert "1 of 1 within 1e-06" in out
+    from safetensors.torch import load_file, save_file
+
+    changed = load_file(references)
+    changed["ldvc random head | short"][0, 0, 0, 0] += 1e-3
+    save_file(changed, references)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/reference_logits.py", "--check", str(references), *case],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1 and "1.00e-03 | no |" in result.stdout
