@@ -141,6 +141,24 @@ def parse_vocabulary(
     return Vocabulary(tuple(classes), tuple(dropped))
 
 
+def class_synonyms(vocabulary: Iterable[str | Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    """A vocabulary as methods take it (names, or per-class synonym sequences) → one tuple of
+    synonyms per class.
+
+    Raises:
+        VocabularyError: an empty vocabulary, or a class without a non-empty name.
+    """
+    classes = []
+    for entry in vocabulary:
+        synonyms = (entry,) if isinstance(entry, str) else tuple(entry)
+        if not synonyms or not all(isinstance(s, str) and s.strip() for s in synonyms):
+            raise VocabularyError(f"Each class needs at least one non-empty name; got {entry!r}.")
+        classes.append(synonyms)
+    if not classes:
+        raise VocabularyError("The vocabulary is empty.")
+    return tuple(classes)
+
+
 def list_vocabularies() -> list[str]:
     """Names of the bundled benchmark vocabularies (e.g. ``"ade-150"``)."""
     return sorted(path.stem for path in VOCABULARY_DIR.glob("*.json") if path not in _TABLE_FILES)

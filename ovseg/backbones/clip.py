@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ovseg.errors import WeightsError
 from ovseg.prompts.templates import resolve_templates
+from ovseg.vocabulary import class_synonyms
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -86,18 +87,6 @@ class TextEmbeddings:
     per_template: Tensor
     mean: Tensor
     templates: tuple[str, ...]
-
-
-def _as_synonyms(vocabulary: Sequence[str | Sequence[str]]) -> tuple[tuple[str, ...], ...]:
-    classes = []
-    for entry in vocabulary:
-        synonyms = (entry,) if isinstance(entry, str) else tuple(entry)
-        if not synonyms or not all(isinstance(s, str) and s.strip() for s in synonyms):
-            raise ValueError(f"Each class needs at least one non-empty name; got {entry!r}.")
-        classes.append(synonyms)
-    if not classes:
-        raise ValueError("The vocabulary is empty.")
-    return tuple(classes)
 
 
 class ClipBackbone(nn.Module):
@@ -262,7 +251,7 @@ class ClipBackbone(nn.Module):
             else:
                 tokens = block(tokens)
             if index in wanted:
-                intermediates[f"layer{index}"] = _tokens_to_map(tokens[:, 1:], grid)
+                intermediates[f"layer{index}"] = tokens_to_map(tokens[:, 1:], grid)
 
         tokens = visual.ln_post(tokens)
         global_embedding = tokens[:, 0] @ visual.proj
@@ -275,7 +264,7 @@ class ClipBackbone(nn.Module):
         if attention is not None:
             attention = attention[:, 1:, 1:] if return_attention else None
         return DenseFeatures(
-            dense=_tokens_to_map(dense_tokens, grid),
+            dense=tokens_to_map(dense_tokens, grid),
             global_embedding=global_embedding,
             intermediates=intermediates,
             attention=attention,
@@ -373,7 +362,7 @@ class ClipBackbone(nn.Module):
         Each class's embeddings are also cached on their own, so a vocabulary that shares classes
         with an earlier one only encodes its new classes.
         """
-        classes = _as_synonyms(vocabulary)
+        classes = class_synonyms(vocabulary)
         template_tuple = resolve_templates(templates)
         parameter = next(self.model.parameters())
         needs_grad = torch.is_grad_enabled() and any(
@@ -475,7 +464,8 @@ def _has_text_projection(model: nn.Module) -> bool:
     return isinstance(projection, (Tensor, nn.Parameter)) and projection.ndim == 2
 
 
-def _tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``B×(h·w)×C`` patch tokens → a ``B×C×h×w`` map."""
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
 
 

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _split_heads(tokens: Tensor, heads: int) -> Tensor:
+def split_heads(tokens: Tensor, heads: int) -> Tensor:
     """``...×L×(heads·d)`` → ``...×heads×L×d``."""
     *batch, length, width = tokens.shape
     return tokens.view(*batch, length, heads, width // heads).transpose(-3, -2)
 
 
-def _merge_heads(tokens: Tensor) -> Tensor:
+def merge_heads(tokens: Tensor) -> Tensor:
     """``...×heads×L×d`` → ``...×L×(heads·d)``."""
     tokens = tokens.transpose(-3, -2)
     return tokens.reshape(*tokens.shape[:-2], -1)
@@ -110,9 +110,9 @@ class MultiHeadAttention(nn.Module):
             ``B×Lq×out_dim``, and the attention weights when asked for.
         """
         value = key if value is None else value
-        q = _split_heads(self.query(query), self.heads)
-        k = _split_heads(self.key(key), self.heads)
-        v = _split_heads(self.value(value), self.heads)
+        q = split_heads(self.query(query), self.heads)
+        k = split_heads(self.key(key), self.heads)
+        v = split_heads(self.value(value), self.heads)
         bias = None
         if key_mask is not None:
             bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
@@ -120,9 +120,9 @@ class MultiHeadAttention(nn.Module):
         if return_attention:
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             weights = (scores if bias is None else scores + bias).softmax(dim=-1)
-            return self.output(_merge_heads(weights @ v)), weights
+            return self.output(merge_heads(weights @ v)), weights
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.output(_merge_heads(attended))
+        return self.output(merge_heads(attended))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -373,14 +373,14 @@ class WindowAttention(nn.Module):
             self.value(x),
         ):
             tokens = tokens.flatten(1, 2)[:, gather].view(batch, *mask.shape[:2], channels)
-            windows.append(_split_heads(tokens, self.heads))  # B×nW×heads×L×d
+            windows.append(split_heads(tokens, self.heads))  # B×nW×heads×L×d
         queries, keys, values = windows
         # Written out rather than F.scaled_dot_product_attention: with a float mask on CPU that
         # falls back to the same arithmetic plus a scan for fully masked rows, which the finite
         # mask makes unnecessary.
         scores = (queries * queries.shape[-1] ** -0.5) @ keys.transpose(-2, -1)
         attended = scores.add_(bias).softmax(dim=-1) @ values
-        merged = _merge_heads(attended).flatten(1, 2)[:, scatter]
+        merged = merge_heads(attended).flatten(1, 2)[:, scatter]
         return self.output(merged.view(batch, height, width, channels))
 
 
@@ -497,12 +497,12 @@ class LinearAttention(nn.Module):
         ``key_mask`` (``B×Lk`` bool) is False for padded keys.
         """
         value = key if value is None else value
-        q = _split_heads(F.elu(self.query(query)) + 1, self.heads)
+        q = split_heads(F.elu(self.query(query)) + 1, self.heads)
         k = F.elu(self.key(key)) + 1
         if key_mask is not None:
             k = k * key_mask[..., None].to(k.dtype)
-        k = _split_heads(k, self.heads)
-        v = _split_heads(self.value(value), self.heads)
+        k = split_heads(k, self.heads)
+        v = split_heads(self.value(value), self.heads)
         summary = k.transpose(-2, -1) @ v  # B×heads×d×d
         normaliser = q @ k.sum(dim=-2)[..., None] + self.eps  # B×heads×Lq×1
-        return self.output(_merge_heads((q @ summary) / normaliser))
+        return self.output(merge_heads((q @ summary) / normaliser))

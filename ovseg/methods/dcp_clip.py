@@ -70,7 +70,12 @@ from ovseg.methods.base import (
 )
 from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
 from ovseg.prompts.templates import resolve_templates
-from ovseg.vocabulary import coco_stuff_seen_mask, coco_stuff_seen_names, normalise_class_name
+from ovseg.vocabulary import (
+    class_synonyms,
+    coco_stuff_seen_mask,
+    coco_stuff_seen_names,
+    normalise_class_name,
+)
 
 NOT_SELECTED_LOGIT = -100.0  # classes DCS leaves out: probability ≈ 0, never the argmax
 SEGMENT_OPTIONS = ("theta", "tau", "tv_rank", "tag_validation", "seen_classes")
@@ -859,13 +864,6 @@ class _SegmentSettings:
     seen_classes: tuple[str, ...] | None
 
 
-def _class_synonyms(vocabulary: VocabularyLike) -> tuple[tuple[str, ...], ...]:
-    classes = tuple((entry,) if isinstance(entry, str) else tuple(entry) for entry in vocabulary)
-    if not classes:
-        raise ValueError("The vocabulary is empty.")
-    return classes
-
-
 def _default_guidance_layers(depth: int, count: int) -> tuple[int, ...]:
     """0-based blocks at (i+1)/(n+1) of the depth, n = max(2, count): 12 → (3, 7), 6 → (1, 3)."""
     slots = max(2, count)
@@ -1139,7 +1137,7 @@ class DcpClip(SegmentationMethod):
         ``cost_volume``.
         """
         settings = self._settings(options)
-        classes = _class_synonyms(vocabulary)
+        classes = class_synonyms(vocabulary)
         names = [synonyms[0] for synonyms in classes]
         text = self._vocabulary_text(classes)
         features = image_features

@@ -53,8 +53,9 @@ from torch import Tensor, nn
 
 import ovseg.backbones
 from ovseg.backbones import ClipBackbone, DenseFeatures, WeightsError, load_backbone
+from ovseg.backbones.clip import tokens_to_map
 from ovseg.errors import OptionError, OvsegError
-from ovseg.methods.attention import Mlp, MultiHeadAttention
+from ovseg.methods.attention import Mlp, MultiHeadAttention, merge_heads, split_heads
 from ovseg.methods.base import (
     IGNORE_INDEX,
     MethodConfig,
@@ -69,6 +70,7 @@ from ovseg.methods.base import (
     upsample_logits,
     weights_file,
 )
+from ovseg.vocabulary import class_synonyms
 
 SHIPPED_WEIGHTS = "ldvc-toy.safetensors"
 SEGMENT_OPTIONS = ("top_m", "seen_classes", "seen_prob_offset")
@@ -316,12 +318,12 @@ class PromptedImageEncoder(nn.Module):
                 tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1 + count :]], dim=1)
             tokens = _run_block(block, tokens, self.drop_path, self.training)
             if index in layers:
-                intermediates[f"layer{index}"] = _tokens_to_map(tokens[:, 1 + count :], grid)
+                intermediates[f"layer{index}"] = tokens_to_map(tokens[:, 1 + count :], grid)
         tokens = visual.ln_post(self.norm(tokens))
         global_embedding = F.normalize(tokens[:, 0] @ visual.proj, dim=-1)
         dense = F.normalize(tokens[:, 1 + count :] @ visual.proj, dim=-1)
         return DenseFeatures(
-            dense=_tokens_to_map(dense, grid),
+            dense=tokens_to_map(dense, grid),
             global_embedding=global_embedding,
             intermediates=intermediates,
             attention=None,
@@ -496,17 +498,6 @@ def _unwindow(tokens: Tensor, size: int, grid: tuple[int, int]) -> Tensor:
     return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, grid[0] * size, grid[1] * size, -1)
 
 
-def _split_heads(tokens: Tensor, heads: int) -> Tensor:
-    """``...×L×(heads·d)`` → ``...×heads×L×d``."""
-    *lead, length, width = tokens.shape
-    return tokens.view(*lead, length, heads, width // heads).transpose(-3, -2)
-
-
-def _merge_heads(tokens: Tensor) -> Tensor:
-    tokens = tokens.transpose(-3, -2)
-    return tokens.reshape(*tokens.shape[:-2], -1)
-
-
 class RouteAttention(nn.Module):
     """Local consensus self-attention (LCSA, Eqs. 8–12): routed multi-head self-attention.
 
@@ -566,9 +557,9 @@ class RouteAttention(nn.Module):
         query, key, value = self.qkv(tokens).chunk(3, dim=-1)  # Eq. 9
         dropout = self.dropout if self.training else 0.0
         if not self.route:
-            q, k, v = (_split_heads(t.flatten(1, 2), self.heads) for t in (query, key, value))
+            q, k, v = (split_heads(t.flatten(1, 2), self.heads) for t in (query, key, value))
             attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-            merged = _merge_heads(attended).view(batch, height, width, channels)
+            merged = merge_heads(attended).view(batch, height, width, channels)
             return self.output(merged), None
         routing = self.routing(tokens, top_m)
         size = self.window_size
@@ -576,9 +567,9 @@ class RouteAttention(nn.Module):
         image = torch.arange(batch, device=tokens.device)[:, None, None]
         routed_keys = key[image, routing.indices].flatten(2, 3)  # Eq. 11: B×S_w×m·n²×D
         routed_values = value[image, routing.indices].flatten(2, 3)
-        q, k, v = (_split_heads(t, self.heads) for t in (query, routed_keys, routed_values))
+        q, k, v = (split_heads(t, self.heads) for t in (query, routed_keys, routed_values))
         attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # Eq. 12
-        merged = _unwindow(_merge_heads(attended), size, routing.grid)
+        merged = _unwindow(merge_heads(attended), size, routing.grid)
         return self.output(merged), routing
 
 
@@ -736,22 +727,6 @@ def focal_dice_loss(
 
 
 # ------------------------------------------------------------------------------------ model
-
-
-def _tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
-
-
-def _class_synonyms(vocabulary: VocabularyLike) -> tuple[tuple[str, ...], ...]:
-    classes = []
-    for entry in vocabulary:
-        synonyms = (entry,) if isinstance(entry, str) else tuple(entry)
-        if not synonyms or not all(isinstance(s, str) and s.strip() for s in synonyms):
-            raise ValueError(f"Each class needs at least one non-empty name; got {entry!r}.")
-        classes.append(synonyms)
-    if not classes:
-        raise ValueError("The vocabulary is empty.")
-    return tuple(classes)
 
 
 def routed_windows(routing: Routing, window: int | tuple[int, int]) -> Tensor:
@@ -956,7 +931,7 @@ class Ldvc(SegmentationMethod):
 
         Cached by vocabulary and prompt version when no gradient flows into the prompts.
         """
-        classes = _class_synonyms(vocabulary)
+        classes = class_synonyms(vocabulary)
         prompts = self.text_encoder.prompts
         needs_grad = torch.is_grad_enabled() and prompts.requires_grad and prompts.numel() > 0
         key = (classes, prompts._version, prompts.data_ptr(), prompts.device, prompts.dtype)
@@ -1036,7 +1011,7 @@ class Ldvc(SegmentationMethod):
                 "`python training/train.py --config training/configs/ldvc-toy.json`, then load it "
                 "with ovseg.load('ldvc', weights=...)."
             )
-        classes = _class_synonyms(vocabulary)
+        classes = class_synonyms(vocabulary)
         extra: tuple[str, ...] = ()
         if self.training and self.config.self_training:
             known = {name for synonyms in classes for name in synonyms}
