@@ -22,7 +22,11 @@ from torch import Tensor, nn
 
 import ovseg.backbones
 from ovseg.backbones import ClipBackbone, WeightsError
-from ovseg.backbones.finetune import fused_state_name, trainable_state_names
+from ovseg.backbones.finetune import (
+    fused_state_name,
+    set_finetuning_scope,
+    trainable_state_names,
+)
 from ovseg.errors import OptionError, UnknownMethodError
 
 IGNORE_INDEX = 255
@@ -146,6 +150,19 @@ class SegmentationMethod(nn.Module):
         """
         logits = _resize_to(output.logits, target.shape[-2:])
         return {"loss_ce": F.cross_entropy(logits, target.long(), ignore_index=IGNORE_INDEX)}
+
+    def train(self, mode: bool = True) -> SegmentationMethod:
+        if mode:
+            self.set_clip_finetuning_scope()
+        return super().train(mode)
+
+    def set_clip_finetuning_scope(self) -> None:
+        """Set :attr:`clip_finetuning_scope` on the CLIP (:mod:`ovseg.backbones.finetune`), when
+        the method has one. Called when the method is trained (``train()``, and by methods'
+        ``parameter_groups``), never when it is built, so a backbone shared for inference is
+        left untouched."""
+        if self.clip_finetuning_scope is not None:
+            set_finetuning_scope(self.backbone.model, self.clip_finetuning_scope)
 
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups; methods override this with their paper's learning rates."""

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings, WeightsError, load_backbone
-from ovseg.backbones.finetune import set_finetuning_scope
 from ovseg.errors import OptionError
 from ovseg.methods.attention import CrossAttentionBlock, SelfAttentionBlock, SwinBlock
 from ovseg.methods.base import (
@@ -957,27 +956,17 @@ class DcpClip(SegmentationMethod):
         self._default_seen: tuple[str, ...] | None = None
 
     # ----------------------------------------------------------------------------- training
-    def train(self, mode: bool = True) -> DcpClip:
-        if mode:
-            self._set_clip_finetuning_scope()
-        return super().train(mode)
-
     @property
     def clip_finetuning_scope(self) -> str:
-        return "attention" if self.config.finetune_clip else "none"
-
-    def _set_clip_finetuning_scope(self) -> None:
         """CAT-Seg's "attention" scope: Q/V projections of every block of both towers and the
         position embeddings train (at the CLIP learning rate); K and everything else stay
-        frozen, and all of CLIP does with ``finetune_clip=False``. K is split off as a buffer
-        (:mod:`ovseg.backbones.finetune`), so nothing can move it. Set when the method is
-        trained, so a backbone shared for inference is left untouched."""
-        set_finetuning_scope(self.backbone.model, self.clip_finetuning_scope)
+        frozen, and all of CLIP does with ``finetune_clip=False``."""
+        return "attention" if self.config.finetune_clip else "none"
 
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """AdamW groups of the paper: new layers at ``base_lr`` (2e-4), CLIP at
         ``base_lr · clip_lr_multiplier`` (2e-6), weight decay ``config.weight_decay`` (1e-4)."""
-        self._set_clip_finetuning_scope()
+        self.set_clip_finetuning_scope()
         clip_lr = base_lr * self.config.clip_lr_multiplier
         head, clip = [], []
         for name, parameter in self.named_parameters():

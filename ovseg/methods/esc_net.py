@@ -53,7 +53,6 @@ from ovseg.backbones import (
     build_sam,
     load_backbone,
 )
-from ovseg.backbones.finetune import set_finetuning_scope
 from ovseg.errors import OptionError
 from ovseg.methods.attention import LinearAttention, Mlp, SwinBlock
 from ovseg.methods.base import (
@@ -664,26 +663,16 @@ class EscNet(SegmentationMethod):
         self._loaded_sam: dict[str, SamBackbone] = {}
 
     # ----------------------------------------------------------------------------- training
-    def train(self, mode: bool = True) -> EscNet:
-        if mode:
-            self._set_clip_finetuning_scope()
-        return super().train(mode)
-
     @property
     def clip_finetuning_scope(self) -> str:
+        """A16: ``"attention"`` trains the Q/V projections of every CLIP attention block and the
+        position embeddings of both towers; K stays frozen."""
         return self.config.clip_finetune
-
-    def _set_clip_finetuning_scope(self) -> None:
-        """A16: the ``"attention"`` scope trains the Q/V projections of every CLIP attention
-        block and the position embeddings of both towers; K is split off as a frozen buffer
-        (:mod:`ovseg.backbones.finetune`). Set when the method is trained, not when it is built,
-        so a backbone shared for inference is left untouched."""
-        set_finetuning_scope(self.backbone.model, self.clip_finetuning_scope)
 
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """AdamW groups (§5): CLIP and SAM (prompt encoder, two-way layers) at
         ``base_lr · multiplier`` (2e-6), the rest at ``base_lr`` (2e-4)."""
-        self._set_clip_finetuning_scope()
+        self.set_clip_finetuning_scope()
         groups: dict[str, list[nn.Parameter]] = {"esc-net": [], "clip": [], "sam": []}
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
