@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from ovseg.backbones import build_sam, load_backbone
 from ovseg.backbones.finetune import query_value_parameters, set_finetuning_scope
-from ovseg.methods.base import save_weights
 from ovseg.methods.dcp_clip import DcpClip, DcpClipConfig, build_dcp_clip
 from ovseg.methods.esc_net import EscNet, EscNetConfig, build_esc_net, load_sam_for
+from ovseg.methods.weights import save_weights
 
 VOCABULARY = ["cat", "dog", "sky", "grass"]
 TEMPLATES = ("a photo of a {}.",)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import ovseg
 import ovseg.backbones
 from ovseg.backbones import DenseFeatures, WeightsError, load_backbone
-from ovseg.methods.base import IGNORE_INDEX, save_weights
+from ovseg.methods.base import IGNORE_INDEX
 from ovseg.methods.blocks import cosine_cost_volume
 from ovseg.methods.dcp_clip import (
     NOT_SELECTED_LOGIT,
@@ -20,6 +20,7 @@ from ovseg.methods.dcp_clip import (
     select_categories,
     tag_validation,
 )
+from ovseg.methods.weights import save_weights
 
 TEMPLATES = ("a photo of a {}.", "a {}.")
 VOCABULARY = [f"class {i}" for i in range(8)]

@@ -395,7 +395,7 @@ def test_the_predictor_swaps_a_method_keeping_or_dropping_its_features(training_
 
 
 def test_weights_given_on_the_command_line_run_the_trained_head(tmp_path):
-    from ovseg.methods.base import save_weights
+    from ovseg.methods.weights import save_weights
 
     path = save_weights(ovseg.load("ldvc"), tmp_path / "ldvc-head")
     arguments = argument_parser().parse_args(["--methods", "ldvc", "--weights", f"ldvc={path}"])

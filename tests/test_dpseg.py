@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import ovseg
 from ovseg import backbones as backbone_registry
 from ovseg.backbones import WeightsError, load_backbone
-from ovseg.methods.base import METHODS, SegmentationOutput, save_weights, upsample_logits
+from ovseg.methods.base import METHODS, SegmentationOutput
 from ovseg.methods.blocks import cosine_cost_volume
+from ovseg.methods.chunking import upsample_logits
 from ovseg.methods.dpseg import (
     PAPER_ABLATIONS,
     PAPER_RESULTS,
@@ -29,6 +30,7 @@ from ovseg.methods.dpseg import (
     build_dpseg,
     crop_class_region,
 )
+from ovseg.methods.weights import save_weights
 from ovseg.prompts.visual import PromptGallery
 
 TEMPLATES = (

@@ -15,7 +15,6 @@ from segment_anything.modeling.transformer import TwoWayAttentionBlock
 import ovseg.backbones
 from ovseg.backbones import WeightsError, build_sam, load_backbone
 from ovseg.errors import OptionError
-from ovseg.methods.base import save_weights
 from ovseg.methods.blocks import cosine_cost_volume
 from ovseg.methods.esc_net import (
     EscNetConfig,
@@ -23,6 +22,7 @@ from ovseg.methods.esc_net import (
     build_esc_net,
     pseudo_prompts,
 )
+from ovseg.methods.weights import save_weights
 
 PAPER_CONFIGS = sorted(
     (Path(__file__).resolve().parents[1] / "training" / "configs" / "paper").glob("esc-net*.json")

@@ -23,8 +23,9 @@ from ovseg.eval.evaluate import (
     slide_logits,
     window_starts,
 )
-from ovseg.methods.base import MethodConfig, SegmentationMethod, SegmentationOutput, save_weights
+from ovseg.methods.base import MethodConfig, SegmentationMethod, SegmentationOutput
 from ovseg.methods.ldvc import Ldvc, build_ldvc
+from ovseg.methods.weights import save_weights
 
 LDVC_TINY = {"input_size": 64, "visual_prompt_tokens": 4, "top_m": 2, "heads": 4}
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ovseg.backbones import ASSETS_DIR, WeightsError, load_backbone
 from ovseg.methods import ldvc as ldvc_module  # registers "ldvc" until ovseg.methods imports it
-from ovseg.methods.base import IGNORE_INDEX, save_weights
+from ovseg.methods.base import IGNORE_INDEX
 from ovseg.methods.ldvc import (
     Ldvc,
     LdvcOutput,
@@ -27,6 +27,7 @@ from ovseg.methods.ldvc import (
     focal_dice_loss,
     routed_windows,
 )
+from ovseg.methods.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = {"input_size": 64, "visual_prompt_tokens": 4, "top_m": 2, "heads": 4}

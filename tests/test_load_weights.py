@@ -9,7 +9,7 @@ import torch
 
 import ovseg
 from ovseg.backbones import WeightsError
-from ovseg.methods.base import save_weights, weights_file
+from ovseg.methods.weights import save_weights, weights_file
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_saved_weights_leave_out_the_frozen_clip_but_keep_what_was_fine_tuned(sa
     from safetensors import safe_open
 
     from ovseg.backbones.finetune import fused_state_name
-    from ovseg.methods.base import frozen_pretrained_keys
+    from ovseg.methods.weights import frozen_pretrained_keys
 
     method, path = saved_dcp_clip
     with safe_open(str(path), "pt") as file:

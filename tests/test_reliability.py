@@ -21,7 +21,7 @@ from PIL import Image
 import ovseg
 from ovseg.backbones import load_backbone
 from ovseg.backbones.sam import build_sam
-from ovseg.methods.base import load_weights
+from ovseg.methods.weights import load_weights
 
 # ----------------------------------------------------------------------------- property test
 

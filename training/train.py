@@ -36,7 +36,8 @@ import ovseg
 from ovseg.data.datasets import DATASETS, build_training_data
 from ovseg.data.toyworld import ToyWorld, ToyWorldDataset
 from ovseg.eval.evaluate import evaluate_toyworld, markdown_table, toyworld_vocabulary
-from ovseg.methods.base import IGNORE_INDEX, save_weights
+from ovseg.methods.base import IGNORE_INDEX
+from ovseg.methods.weights import save_weights
 
 
 @dataclass

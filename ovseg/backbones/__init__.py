@@ -30,6 +30,13 @@ def toy_clip_dir(alias: str) -> Path:
     return ASSETS_DIR / TOY_CLIPS[alias][1]
 
 
+def is_toy_clip(backbone: ClipBackbone) -> bool:
+    """Whether ``backbone`` is a ToyWorld CLIP (shipped, in a folder of its own, or random):
+    its text tower knows ToyWorld's names, not the real world's."""
+    folder = Path(backbone.name.removeprefix("local-dir:")).name
+    return backbone.name.startswith("ovseg-toy") or folder.startswith("clip-toy")
+
+
 def load_backbone(
     name: str,
     pretrained: str | os.PathLike | None = None,
@@ -71,6 +78,7 @@ __all__ = [
     "TextEmbeddings",
     "WeightsError",
     "build_sam",
+    "is_toy_clip",
     "load_backbone",
     "load_clip",
     "register_sam_config",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from ovseg.caching import LruCache
 from ovseg.errors import WeightsError
 from ovseg.prompts.templates import resolve_templates
 from ovseg.vocabulary import class_synonyms
@@ -151,9 +151,10 @@ class ClipBackbone(nn.Module):
             if _has_text_projection(model)
             else (int(model.visual.output_dim))
         )
-        self._text_cache: OrderedDict[tuple, TextEmbeddings] = OrderedDict()
-        self._class_cache: OrderedDict[tuple, Tensor] = OrderedDict()
-        self._class_cache_floats = 0
+        self._text_cache: LruCache[TextEmbeddings] = LruCache(TEXT_CACHE_SIZE)
+        self._class_cache: LruCache[Tensor] = LruCache(
+            max_size=CLASS_CACHE_FLOATS, size=Tensor.numel
+        )
         self._pos_embed_cache: dict[tuple, Tensor] = {}
 
     @staticmethod
@@ -379,8 +380,7 @@ class ClipBackbone(nn.Module):
         )
         key = (*context, classes)
         if not needs_grad and key in self._text_cache:
-            self._text_cache.move_to_end(key)
-            return self._text_cache[key]
+            return self._text_cache.get(key)
 
         with torch.set_grad_enabled(needs_grad):
             if needs_grad:
@@ -390,9 +390,7 @@ class ClipBackbone(nn.Module):
             mean = F.normalize(per_template.mean(dim=1), dim=-1)
         result = TextEmbeddings(per_template=per_template, mean=mean, templates=template_tuple)
         if not needs_grad:
-            self._text_cache[key] = result
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
+            self._text_cache.put(key, result)
         return result
 
     def _encode_classes(
@@ -422,30 +420,17 @@ class ClipBackbone(nn.Module):
     def _cached_classes(
         self, classes: tuple[tuple[str, ...], ...], templates: tuple[str, ...], context: tuple
     ) -> Tensor:
-        """:meth:`_encode_classes` through the per-class cache: only unseen classes are encoded."""
-        missing = list(dict.fromkeys(c for c in classes if (*context, c) not in self._class_cache))
-        if missing:
-            fresh = self._encode_classes(tuple(missing), templates)
-            for synonyms, embedding in zip(missing, fresh, strict=True):
-                self._class_cache[(*context, synonyms)] = embedding
-                self._class_cache_floats += embedding.numel()
-        rows = []
-        for synonyms in classes:
-            self._class_cache.move_to_end((*context, synonyms))
-            rows.append(self._class_cache[(*context, synonyms)])
-        per_template = torch.stack(rows)
-        # Evict the least recently used classes, never one of this vocabulary's.
-        while self._class_cache_floats > CLASS_CACHE_FLOATS and len(self._class_cache) > len(
-            set(classes)
-        ):
-            _, evicted = self._class_cache.popitem(last=False)
-            self._class_cache_floats -= evicted.numel()
-        return per_template
+        """:meth:`_encode_classes` through the per-class cache: only unseen classes are encoded
+        (the least recently used classes are evicted, never one of this vocabulary's)."""
+        rows = self._class_cache.rows(
+            [(*context, synonyms) for synonyms in classes],
+            lambda missing: self._encode_classes(tuple(key[-1] for key in missing), templates),
+        )
+        return torch.stack(rows)
 
     def clear_text_cache(self) -> None:
         self._text_cache.clear()
         self._class_cache.clear()
-        self._class_cache_floats = 0
 
     @property
     def logit_scale(self) -> Tensor:

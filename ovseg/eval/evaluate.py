@@ -26,7 +26,8 @@ from tqdm import tqdm
 from ovseg.data.toyworld import EVAL_SETS, ToyWorld, eval_set, eval_vocabulary
 from ovseg.errors import OptionError
 from ovseg.eval.metrics import ConfusionMatrix, SegmentationScores
-from ovseg.methods.base import SegmentationMethod, VocabularyLike, upsample_logits
+from ovseg.methods.base import SegmentationMethod, VocabularyLike
+from ovseg.methods.chunking import upsample_logits
 
 
 @dataclass

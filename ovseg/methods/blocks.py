@@ -1,4 +1,5 @@
-"""Layers shared by the methods: cosine cost volumes and their per-slice embedding."""
+"""Layers shared by the methods: cosine cost volumes, their per-slice embedding, and the
+U-Net fusion block of the cost-volume decoders."""
 
 from __future__ import annotations
 
@@ -69,3 +70,28 @@ class CostEmbedding(nn.Module):
         batch, classes, templates, height, width = cost_volume.shape
         embedded = self.conv(cost_volume.reshape(batch * classes, templates, height, width))
         return embedded.view(batch, classes, -1, height, width)
+
+
+def group_count(channels: int) -> int:
+    """GroupNorm groups for ``channels``: CAT-Seg's and SED's ``channels // 16``, lowered until it
+    divides ``channels``."""
+    groups = max(1, channels // 16)
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+class DoubleConv(nn.Sequential):
+    """(3×3 conv → GroupNorm → ReLU) × 2: the U-Net fusion block of CAT-Seg's and SED's decoders
+    (:func:`group_count` groups)."""
+
+    def __init__(self, *, in_channels: int, out_channels: int) -> None:
+        groups = group_count(out_channels)
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+        )

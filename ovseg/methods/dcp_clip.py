@@ -39,7 +39,6 @@ matter.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings, WeightsError, load_backbone
+from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings
 from ovseg.errors import OptionError
 from ovseg.methods.attention import CrossAttentionBlock, SelfAttentionBlock, SwinBlock
 from ovseg.methods.base import (
@@ -59,15 +58,11 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    load_head_weights,
     register_method,
-    saved_config,
-    settings_for_weights,
-    shipped_weights_for,
-    upsample_logits,
-    weights_file,
 )
-from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
+from ovseg.methods.blocks import CostEmbedding, DoubleConv, cosine_cost_volume
+from ovseg.methods.builder import build_with_weights
+from ovseg.methods.chunking import upsample_logits
 from ovseg.prompts.templates import resolve_templates
 from ovseg.vocabulary import (
     class_synonyms,
@@ -648,29 +643,6 @@ def _conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU())
 
 
-def _group_count(channels: int) -> int:
-    """CAT-Seg's ``channels // 16`` groups, lowered until it divides ``channels``."""
-    groups = max(1, channels // 16)
-    while channels % groups:
-        groups -= 1
-    return groups
-
-
-class DoubleConv(nn.Sequential):
-    """(Conv3×3 → GroupNorm → ReLU) × 2, the U-Net decoder block of CAT-Seg."""
-
-    def __init__(self, *, in_channels: int, out_channels: int) -> None:
-        groups = _group_count(out_channels)
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, out_channels),
-            nn.ReLU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, out_channels),
-            nn.ReLU(),
-        )
-
-
 @dataclass
 class DecoderGuidance:
     """Class-agnostic inputs of the decoder, computed once per image and shared by all classes.
@@ -878,6 +850,7 @@ class DcpClip(SegmentationMethod):
     """
 
     name = "dcp-clip"
+    config_class = DcpClipConfig
     trained_head = False
 
     def __init__(self, *, config: DcpClipConfig, backbone: ClipBackbone) -> None:
@@ -1435,54 +1408,23 @@ def build_dcp_clip(
     device: str | torch.device | None = None,
     **config: Any,
 ) -> DcpClip:
-    """Build DCP-CLIP.
+    """Build DCP-CLIP (the rules every builder follows: :mod:`ovseg.methods.builder`).
 
     Arguments:
-        backbone: a loaded ViT :class:`ClipBackbone`, or a name/alias for :func:`load_backbone`
-            (default ``config.backbone``, the ToyWorld ViT CLIP).
-        weights: a checkpoint written by :func:`ovseg.methods.base.save_weights` (head and
-            fine-tuned CLIP; its JSON config is the base the other arguments override). None:
-            the shipped ``assets/dcp-clip-toy.safetensors`` for the toy ViT if it exists, else a
-            random head and the training-free path.
+        backbone: a loaded ViT :class:`ClipBackbone`, or a name or alias to load (default
+            ``config.backbone``, the ToyWorld ViT CLIP).
+        weights: a file written by :func:`~ovseg.methods.weights.save_weights`; None: the shipped
+            ``assets/dcp-clip-toy.safetensors`` when the CLIP is the toy ViT it was trained on.
         device: where to build it.
         config: any :class:`DcpClipConfig` field.
 
-    A backbone passed in is shared, except when weights are loaded: they include a fine-tuned
-    CLIP, so the method gets its own copy and the caller's backbone is left unchanged.
-
-    Raises:
-        WeightsError: if an explicit ``weights`` file is missing or does not fit.
+    Without a trained head DCP-CLIP runs training-free.
     """
-    shared = isinstance(backbone, ClipBackbone)
-    if isinstance(backbone, str):
-        config = {**config, "backbone": backbone}
-    if weights is not None:
-        weights_path = weights_file(weights)
-        if not weights_path.is_file():
-            raise WeightsError(f"No DCP-CLIP weights file at {weights_path}.")
-    else:
-        # The shipped head belongs to the trained toy CLIP, not to a random or other one.
-        weights_path = shipped_weights_for(
-            backbone if shared else config.get("backbone", DcpClipConfig.backbone),
-            config.get("pretrained"),
-            SHIPPED_WEIGHTS,
-        )
-    saved = saved_config(weights_path, "dcp-clip", DcpClipConfig)
-    settings, keep = settings_for_weights(
-        DcpClipConfig, saved, config, shipped=weights is None, name="dcp-clip"
+    return build_with_weights(
+        DcpClip,
+        backbone=backbone,
+        weights=weights,
+        device=device,
+        config=config,
+        shipped=SHIPPED_WEIGHTS,
     )
-    if not keep:
-        weights_path = None
-    if shared:
-        clip = backbone
-        if weights_path is not None:
-            clip = copy.deepcopy(backbone)
-            clip.clear_text_cache()
-    else:
-        clip = load_backbone(settings.backbone, settings.pretrained, device=device)
-    method = DcpClip(config=settings, backbone=clip)
-    if device is not None:
-        method = method.to(device)
-    if weights_path is not None:
-        method.trained_head = load_head_weights(method, weights_path, shipped=weights is None)
-    return method.eval()

@@ -14,18 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ovseg.backbones import ClipBackbone, DenseFeatures, load_backbone
+from ovseg.backbones import ClipBackbone, DenseFeatures
 from ovseg.errors import OptionError
 from ovseg.methods.base import (
     MethodConfig,
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    load_weights,
     register_method,
-    upsample_logits,
 )
 from ovseg.methods.blocks import cosine_cost_volume
+from ovseg.methods.builder import build_with_weights
+from ovseg.methods.chunking import upsample_logits
 
 
 @dataclass
@@ -48,6 +48,7 @@ class DenseClip(SegmentationMethod):
     """Argmax of the cosine cost volume between dense image and text embeddings."""
 
     name = "dense-clip"
+    config_class = DenseClipConfig
     trained_head = False
 
     def __init__(self, *, config: DenseClipConfig, backbone: ClipBackbone) -> None:
@@ -119,18 +120,11 @@ def build_dense_clip(
         backbone: a loaded :class:`ClipBackbone`, or a name/alias for :func:`load_backbone`
             (default ``config.backbone``, the ToyWorld ViT CLIP); its weights come from
             ``config.pretrained`` (a tag such as ``"openai"`` or a checkpoint path).
-        weights: weights saved by :func:`save_weights` after fine-tuning (optional; the baseline
-            is training-free).
+        weights: weights saved by :func:`~ovseg.methods.weights.save_weights` after fine-tuning
+            (optional; the baseline is training-free). See :mod:`ovseg.methods.builder`.
         device: where to build it.
         config: any :class:`DenseClipConfig` field.
     """
-    settings = DenseClipConfig().replace(**config)
-    if isinstance(backbone, str):
-        settings = settings.replace(backbone=backbone)
-    if not isinstance(backbone, ClipBackbone):
-        backbone = load_backbone(settings.backbone, settings.pretrained, device=device)
-    method = DenseClip(config=settings, backbone=backbone)
-    if weights is not None:
-        load_weights(method, weights)
-        method.trained_head = True
-    return method
+    return build_with_weights(
+        DenseClip, backbone=backbone, weights=weights, device=device, config=config
+    )

@@ -24,22 +24,19 @@ follow specs/dpseg.md (§8), which cites SED for each.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg import backbones as backbone_registry
-from ovseg.backbones import ClipBackbone, WeightsError, load_backbone
+from ovseg.backbones import ClipBackbone
 from ovseg.methods.attention import LinearAttention, MultiHeadAttention
 from ovseg.methods.base import (
     IGNORE_INDEX,
@@ -47,13 +44,11 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    load_head_weights,
     register_method,
-    settings_for_weights,
-    shipped_weights_for,
-    upsample_logits,
 )
-from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
+from ovseg.methods.blocks import CostEmbedding, DoubleConv, cosine_cost_volume
+from ovseg.methods.builder import build_with_weights
+from ovseg.methods.chunking import upsample_logits
 from ovseg.prompts.templates import resolve_templates
 from ovseg.prompts.visual import (
     SD_ALIASES,
@@ -128,6 +123,7 @@ TRAINING_RECIPE: dict[str, Any] = {
     "dataset": "coco-stuff-171",
 }
 
+SHIPPED_WEIGHTS = "dpseg-toy.safetensors"
 PROMPT_ENCODER_BATCH = 16
 TOY_PROMPTS_PER_CLASS = 16
 TOY_PROMPT_RESOLUTION = 128
@@ -200,6 +196,8 @@ class DPSegConfig(MethodConfig):
         whole-tensor (training) decoders give the same bits for the same class_chunk; other
         chunk sizes differ by float rounding only.
     """
+
+    machine_settings: ClassVar[tuple[str, ...]] = ("prompt_cache_dir", "class_chunk")
 
     backbone: str = "toy-convnext"
     num_templates: int | None = None
@@ -394,21 +392,6 @@ class ClassAttention(nn.Module):
         maps = tokens.permute(0, 2, 3, 1).reshape(batch * classes, channels, *grid)
         upsampled = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=True)
         return upsampled.view(batch, classes, channels, *size)
-
-
-class DoubleConv(nn.Sequential):
-    """SED's fusion: (3×3 conv → GroupNorm(C/16 groups) → ReLU) twice."""
-
-    def __init__(self, *, in_channels: int, out_channels: int) -> None:
-        groups = max(1, out_channels // 16)
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, out_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, out_channels),
-            nn.ReLU(inplace=True),
-        )
 
 
 class VisualCostProjection(nn.Module):
@@ -987,6 +970,7 @@ class DPSeg(SegmentationMethod):
     """
 
     name = "dpseg"
+    config_class = DPSegConfig
     # The visual-prompt encoder is a frozen copy of the pretrained image tower.
     pretrained_prefixes = ("backbone", "prompt_encoder")
 
@@ -1583,30 +1567,6 @@ def _to_uint8(image: Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------ builder
 
 
-def shipped_weights_path() -> Path:
-    """Where the ToyWorld DPSeg head trained by ``training/train.py`` is shipped."""
-    return backbone_registry.ASSETS_DIR / "dpseg-toy.safetensors"
-
-
-def _recorded_config(weights_path: Path) -> dict[str, Any]:
-    """Architecture fields recorded beside saved weights (``<stem>.json``), if any."""
-    stem = weights_path.with_suffix("") if weights_path.suffix == ".safetensors" else weights_path
-    record_path = stem.with_name(stem.name + ".json")
-    if not record_path.is_file():
-        return {}
-    try:
-        recorded = json.loads(record_path.read_text()).get("config", {})
-    except (OSError, ValueError) as error:
-        raise WeightsError(f"{record_path} is not a readable weights record: {error}.") from error
-    fields = {f.name: f for f in dataclasses.fields(DPSegConfig)}
-    skipped = {"backbone", "pretrained", "prompt_cache_dir", "class_chunk"}
-    return {
-        name: tuple(value) if isinstance(value, list) else value
-        for name, value in recorded.items()
-        if name in fields and name not in skipped
-    }
-
-
 @register_method("dpseg")
 def build_dpseg(
     *,
@@ -1617,57 +1577,38 @@ def build_dpseg(
     prompt_bank: VisualPromptBank | None = None,
     **config: Any,
 ) -> DPSeg:
-    """Build DPSeg.
+    """Build DPSeg (the rules every builder follows: :mod:`ovseg.methods.builder`).
 
     Arguments:
-        backbone: a loaded ConvNeXt :class:`ClipBackbone` or a name for :func:`load_backbone`
-            (default ``config.backbone``, the ToyWorld ConvNeXt CLIP).
-        weights: trained DPSeg weights (``.safetensors`` from ``save_weights``). None: the shipped
-            ToyWorld head when the backbone is the toy ConvNeXt CLIP and the file exists;
-            otherwise an untrained head, and :meth:`DPSeg.segment` runs the training-free path.
+        backbone: a loaded ConvNeXt :class:`ClipBackbone`, or a name or alias to load (default
+            ``config.backbone``, the ToyWorld ConvNeXt CLIP).
+        weights: a file written by :func:`~ovseg.methods.weights.save_weights`; None: the shipped
+            ``assets/dpseg-toy.safetensors`` when the CLIP is the toy ConvNeXt it was trained on.
+            Without a trained head :meth:`DPSeg.segment` runs the training-free path.
         device: where to build it.
         prompt_generator: a generator object that draws the visual prompts, or a name for the
             ``prompt_generator`` config field ("toyworld", "sd15", "sd3", a diffusers model).
         prompt_bank: a ready prompt bank (see :class:`DPSeg`).
         config: any :class:`DPSegConfig` field.
-
-    Raises:
-        WeightsError: ``weights`` is missing, unreadable or does not fit.
     """
-    settings = DPSegConfig()
     if isinstance(prompt_generator, str):
         config = {"prompt_generator": prompt_generator, **config}
         prompt_generator = None
-    if isinstance(backbone, str):
-        config = {"backbone": backbone, **config}
-    shared = isinstance(backbone, ClipBackbone)
-    weights_path = Path(weights) if weights is not None else None
-    if weights_path is None:
-        # The shipped head belongs to the trained toy CLIP, not to a random or other one.
-        weights_path = shipped_weights_for(
-            backbone if shared else config.get("backbone", settings.backbone),
-            config.get("pretrained"),
-            shipped_weights_path().name,
+
+    def factory(settings: DPSegConfig, clip: ClipBackbone, head: bool) -> DPSeg:
+        return DPSeg(
+            config=settings,
+            backbone=clip,
+            prompt_generator=prompt_generator,
+            prompt_bank=prompt_bank,
         )
-    saved = _recorded_config(weights_path) if weights_path is not None else {}
-    settings, keep = settings_for_weights(
-        DPSegConfig, saved, config, shipped=weights is None, name="dpseg"
-    )
-    if not keep:
-        weights_path = None
-    if not shared:
-        backbone = load_backbone(settings.backbone, settings.pretrained, device=device)
-    elif weights_path is not None:
-        # The weights fine-tune the image tower: keep the caller's (shared) backbone intact.
-        backbone = copy.deepcopy(backbone)
-    method = DPSeg(
-        config=settings,
+
+    return build_with_weights(
+        DPSeg,
         backbone=backbone,
-        prompt_generator=prompt_generator,
-        prompt_bank=prompt_bank,
+        weights=weights,
+        device=device,
+        config=config,
+        shipped=SHIPPED_WEIGHTS,
+        factory=factory,
     )
-    if device is not None:
-        method = method.to(device)
-    if weights_path is not None:
-        method.trained_head = load_head_weights(method, weights_path, shipped=weights is None)
-    return method

@@ -51,7 +51,6 @@ from ovseg.backbones import (
     SamBackbone,
     WeightsError,
     build_sam,
-    load_backbone,
 )
 from ovseg.errors import OptionError
 from ovseg.methods.attention import LinearAttention, Mlp, SwinBlock
@@ -61,16 +60,11 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    load_head_weights,
     register_method,
-    saved_config,
-    settings_for_weights,
-    shipped_weights_for,
-    upsample_logits,
-    weights_file,
 )
-from ovseg.methods.blocks import cosine_cost_volume
-from ovseg.methods.dcp_clip import DoubleConv
+from ovseg.methods.blocks import DoubleConv, cosine_cost_volume
+from ovseg.methods.builder import build_with_weights
+from ovseg.methods.chunking import upsample_logits
 
 SHIPPED_WEIGHTS = "esc-net-toy.safetensors"
 TOY_SAM_CHECKPOINT = Path("sam-toy") / "sam-toy.safetensors"
@@ -594,6 +588,7 @@ class EscNet(SegmentationMethod):
     """
 
     name = "esc-net"
+    config_class = EscNetConfig
     trained_head = False
 
     def __init__(
@@ -995,63 +990,41 @@ def build_esc_net(
     sam_checkpoint: str | None = None,
     **config: Any,
 ) -> EscNet:
-    """Build ESC-Net.
+    """Build ESC-Net (the rules every builder follows: :mod:`ovseg.methods.builder`).
 
     Arguments:
-        backbone: a loaded ViT :class:`ClipBackbone`, or a name/alias for :func:`load_backbone`
-            (default ``config.backbone``, the ToyWorld ViT CLIP).
-        weights: a checkpoint written by :func:`ovseg.methods.base.save_weights`. None: the
-            shipped ``assets/esc-net-toy.safetensors`` for the toy ViT if it exists, else a random
-            head and the training-free path.
+        backbone: a loaded ViT :class:`ClipBackbone`, or a name or alias to load (default
+            ``config.backbone``, the ToyWorld ViT CLIP).
+        weights: a file written by :func:`~ovseg.methods.weights.save_weights`; None: the shipped
+            ``assets/esc-net-toy.safetensors`` when the CLIP is the toy ViT it was trained on.
         device: where to build it.
         sam_checkpoint: SAM weights (official ``.pth`` for ``sam="vit_b"``, or a
             ``SamBackbone.save`` file); None: the shipped toy SAM when ``sam="toy"``.
         config: any :class:`EscNetConfig` field.
 
-    A backbone passed in is shared, except when weights are loaded (they include a fine-tuned
-    CLIP): the method then gets its own copy.
-
     Raises:
         WeightsError: if an explicit ``weights`` file is missing or does not fit, or, without
             head weights, the SAM checkpoint.
     """
-    shared = isinstance(backbone, ClipBackbone)
-    if isinstance(backbone, str):
-        config = {**config, "backbone": backbone}
     if sam_checkpoint is not None:
         config = {**config, "sam_checkpoint": str(sam_checkpoint)}
-    if weights is not None:
-        weights_path = weights_file(weights)
-        if not weights_path.is_file():
-            raise WeightsError(f"No ESC-Net weights file at {weights_path}.")
-    else:
-        # The shipped head belongs to the trained toy CLIP, not to a random or other one.
-        weights_path = shipped_weights_for(
-            backbone if shared else config.get("backbone", EscNetConfig.backbone),
-            config.get("pretrained"),
-            SHIPPED_WEIGHTS,
-        )
-    saved = saved_config(weights_path, "esc-net", EscNetConfig)
-    settings, keep = settings_for_weights(
-        EscNetConfig, saved, config, shipped=weights is None, name="esc-net"
+
+    def factory(settings: EscNetConfig, clip: ClipBackbone, head: bool) -> EscNet:
+        if head:
+            # The head file holds every SAM part ESC-Net uses (prompt encoder, two-way layers),
+            # so SAM's architecture is enough: its checkpoint is read only if the training-free
+            # path runs.
+            sam = build_sam(settings.sam, None, device=device, image_encoder=False)
+        else:
+            sam = load_sam_for(settings, device=device, image_encoder=False)
+        return EscNet(config=settings, backbone=clip, sam=sam)
+
+    return build_with_weights(
+        EscNet,
+        backbone=backbone,
+        weights=weights,
+        device=device,
+        config=config,
+        shipped=SHIPPED_WEIGHTS,
+        factory=factory,
     )
-    if not keep:
-        weights_path = None
-    if shared:
-        clip = backbone
-        if weights_path is not None:
-            clip = copy.deepcopy(backbone)
-            clip.clear_text_cache()
-    else:
-        clip = load_backbone(settings.backbone, settings.pretrained, device=device)
-    if weights_path is not None:
-        # The head file holds every SAM part ESC-Net uses (prompt encoder, two-way layers), so
-        # SAM's architecture is enough: its checkpoint is read only if the training-free path runs.
-        sam = build_sam(settings.sam, None, device=device, image_encoder=False)
-        method = EscNet(config=settings, backbone=clip, sam=sam).to(device)
-        method.trained_head = load_head_weights(method, weights_path, shipped=weights is None)
-        if method.trained_head:
-            return method.eval()
-    # No head (or a shipped one that does not fit, as a warning said): SAM's pretrained parts.
-    sam = load_sam_for(settings, device=device, image_encoder=False)
-    return EscNet(config=settings, backbone=clip, sam=sam).to(device).eval()

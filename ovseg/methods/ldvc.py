@@ -39,7 +39,6 @@ decoder's dropout acts on the attention probabilities of LCSA and on the output 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ovseg.backbones
-from ovseg.backbones import ClipBackbone, DenseFeatures, WeightsError, load_backbone
+from ovseg.backbones import ClipBackbone, DenseFeatures
 from ovseg.backbones.clip import tokens_to_map
 from ovseg.errors import OptionError, OvsegError
 from ovseg.methods.attention import Mlp, MultiHeadAttention, merge_heads, split_heads
@@ -62,14 +61,10 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    load_head_weights,
     register_method,
-    saved_config,
-    settings_for_weights,
-    shipped_weights_for,
-    upsample_logits,
-    weights_file,
 )
+from ovseg.methods.builder import build_with_weights
+from ovseg.methods.chunking import upsample_logits
 from ovseg.vocabulary import class_synonyms
 
 SHIPPED_WEIGHTS = "ldvc-toy.safetensors"
@@ -756,6 +751,7 @@ class Ldvc(SegmentationMethod):
     """
 
     name = "ldvc"
+    config_class = LdvcConfig
     trained_head = False
 
     def __init__(self, *, config: LdvcConfig, backbone: ClipBackbone) -> None:
@@ -1110,54 +1106,23 @@ def build_ldvc(
     device: str | torch.device | None = None,
     **config: Any,
 ) -> Ldvc:
-    """Build LDVC.
+    """Build LDVC (the rules every builder follows: :mod:`ovseg.methods.builder`).
 
     Arguments:
-        backbone: a loaded ViT :class:`ClipBackbone`, or a name/alias for :func:`load_backbone`
-            (default ``config.backbone``, the ToyWorld ViT CLIP).
-        weights: a checkpoint written by :func:`ovseg.methods.base.save_weights` (its JSON config
-            is the base the other arguments override). None: the shipped
-            ``assets/ldvc-toy.safetensors`` if it exists and the CLIP is the shipped toy ViT it
-            was trained on (not a random one: see :func:`~ovseg.methods.base.shipped_weights_for`),
-            else an untrained model (``trained_head=False``) that trains but refuses to segment.
+        backbone: a loaded ViT :class:`ClipBackbone`, or a name or alias to load (default
+            ``config.backbone``, the ToyWorld ViT CLIP).
+        weights: a file written by :func:`~ovseg.methods.weights.save_weights`; None: the shipped
+            ``assets/ldvc-toy.safetensors`` when the CLIP is the toy ViT it was trained on.
         device: where to build it.
         config: any :class:`LdvcConfig` field.
 
-    A backbone passed in is shared (and frozen), except when weights are loaded: they hold a
-    CLIP too, so the method gets its own copy and the caller's backbone is left unchanged.
-
-    Raises:
-        WeightsError: if an explicit ``weights`` file is missing or does not fit.
+    Without a trained head LDVC trains but refuses to segment (``trained_head=False``).
     """
-    shared = isinstance(backbone, ClipBackbone)
-    if isinstance(backbone, str):
-        config = {**config, "backbone": backbone}
-    if weights is not None:
-        weights_path = weights_file(weights)
-        if not weights_path.is_file():
-            raise WeightsError(f"No LDVC weights file at {weights_path}.")
-    else:
-        weights_path = shipped_weights_for(
-            backbone if shared else config.get("backbone", LdvcConfig.backbone),
-            config.get("pretrained"),
-            SHIPPED_WEIGHTS,
-        )
-    saved = saved_config(weights_path, "ldvc", LdvcConfig)
-    settings, keep = settings_for_weights(
-        LdvcConfig, saved, config, shipped=weights is None, name="ldvc"
+    return build_with_weights(
+        Ldvc,
+        backbone=backbone,
+        weights=weights,
+        device=device,
+        config=config,
+        shipped=SHIPPED_WEIGHTS,
     )
-    if not keep:
-        weights_path = None
-    if shared:
-        clip = backbone
-        if weights_path is not None:
-            clip = copy.deepcopy(backbone)
-            clip.clear_text_cache()
-    else:
-        clip = load_backbone(settings.backbone, settings.pretrained, device=device)
-    method = Ldvc(config=settings, backbone=clip)
-    if device is not None:
-        method = method.to(device)
-    if weights_path is not None:
-        method.trained_head = load_head_weights(method, weights_path, shipped=weights is None)
-    return method.eval()

@@ -1,0 +1,100 @@
+"""Classes in chunks: what lets a method take a vocabulary of 847 classes in bounded memory.
+
+Per-class layers (a cost embedding, a decoder stage, bilinear upsampling) treat every class alike,
+so they can run on a few classes at a time. Without autograd (inference) the chunks are written
+into one preallocated output (:func:`write_classes`) instead of being concatenated, so the full
+``B×K×...`` tensor exists once; with autograd (training) they are concatenated, which the backward
+pass needs. The same chunks give the same bits either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Classes per chunk when upsampling logits. CPU bilinear resizing rounds differently for different
+# numbers of maps, so every caller uses this chunk for results that agree to the bit.
+UPSAMPLE_CHUNK = 64
+
+# Class slice → a tensor of those classes, built on demand (a streamed decoder's stage input).
+ClassSource = Callable[[slice], Tensor]
+
+
+def class_slices(classes: int, chunk: int) -> list[slice]:
+    """The chunks of ``classes`` classes, ``chunk`` at a time (as ``Tensor.split`` cuts them)."""
+    if chunk < 1:
+        raise ValueError(f"A chunk of classes must hold at least one class; got {chunk}.")
+    return [slice(start, min(start + chunk, classes)) for start in range(0, classes, chunk)]
+
+
+def write_classes(
+    buffer: Tensor | None, part: Tensor, index: slice, classes: int, dim: int = 1
+) -> Tensor:
+    """Write ``part`` into the classes ``index`` (axis ``dim``) of ``buffer`` and return it; the
+    buffer, with ``classes`` classes on that axis, is allocated at the first chunk (None)."""
+    if buffer is None:
+        shape = list(part.shape)
+        shape[dim] = classes
+        buffer = part.new_empty(shape)
+    buffer[(slice(None),) * dim + (index,)] = part
+    return buffer
+
+
+def per_class(module: nn.Module, x: Tensor, chunk: int) -> Tensor:
+    """Apply a per-class ``N×C×s×s`` module to ``B×K×C×s×s``, ``chunk`` classes at a time."""
+    batch, classes = x.shape[:2]
+    slices = class_slices(classes, chunk)
+    if torch.is_grad_enabled():
+        return torch.cat(
+            [module(x[:, i].flatten(0, 1)).unflatten(0, (batch, -1)) for i in slices], 1
+        )
+    output = None
+    for index in slices:
+        part = module(x[:, index].flatten(0, 1)).unflatten(0, (batch, -1))
+        output = write_classes(output, part, index, classes)
+    return output
+
+
+def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinearly resize ``B×K×h×w`` logits to ``size`` in one call (a loss's resize)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinearly resize ``B×K×h×w`` logits to ``size``, :data:`UPSAMPLE_CHUNK` classes at a time
+    to bound peak memory; without autograd the chunks are written into the output, so
+    ``B×K×H×W`` exists once."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    slices = class_slices(logits.shape[1], UPSAMPLE_CHUNK)
+    if torch.is_grad_enabled():
+        return torch.cat([resize_logits(logits[:, index], size) for index in slices], dim=1)
+    output = logits.new_empty((*logits.shape[:2], *size))
+    for index in slices:
+        output[:, index] = resize_logits(logits[:, index], size)
+    return output
+
+
+def upsampled_argmax(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """``upsample_logits(logits, size).argmax(dim=1)`` (``B×H×W``) without ``B×K×H×W``: a running
+    argmax over chunks of upsampled classes (the first maximum wins and NaN beats all, as in
+    ``argmax``)."""
+    best = labels = None
+    for index in class_slices(logits.shape[1], UPSAMPLE_CHUNK):
+        part = resize_logits(logits[:, index], size)
+        winner = part.argmax(dim=1, keepdim=True)
+        value = part.gather(1, winner)[:, 0]
+        winner = winner[:, 0] + index.start
+        del part
+        if best is None:
+            best, labels = value, winner
+            continue
+        better = (value > best) | (value.isnan() & ~best.isnan())
+        best = torch.where(better, value, best)
+        labels = torch.where(better, winner, labels)
+    return labels
