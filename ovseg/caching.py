@@ -60,6 +60,11 @@ class LruCache(Generic[Value]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def total_size(self) -> int:
+        """The summed ``size`` of the entries (0 without a size function)."""
+        return self._total
+
     def get(self, key: Hashable) -> Value | None:
         """The entry of ``key`` (now the most recently used), or None."""
         if key not in self._entries:

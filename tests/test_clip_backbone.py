@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import ovseg.backbones.clip as clip_module
 from ovseg.backbones import PAPER_CLIPS, WeightsError, load_backbone, load_clip
 from ovseg.prompts.templates import resolve_templates
 
@@ -257,10 +256,10 @@ def test_a_new_vocabulary_encodes_only_the_classes_not_seen_before(toy_vit, monk
 def test_the_per_class_text_cache_stays_within_its_bound(toy_vit, monkeypatch):
     toy_vit.clear_text_cache()
     per_class = len(resolve_templates("short")) * 128
-    monkeypatch.setattr(clip_module, "CLASS_CACHE_FLOATS", 3 * per_class)
+    monkeypatch.setattr(toy_vit._class_cache, "max_size", 3 * per_class)
     with torch.no_grad():
         for names in (["cat", "dog"], ["bird", "fish"], ["cow", "pig"]):
             toy_vit.encode_text(names, "short")
     assert len(toy_vit._class_cache) == 3
-    assert toy_vit._class_cache_floats == 3 * per_class
+    assert toy_vit._class_cache.total_size == 3 * per_class
     toy_vit.clear_text_cache()

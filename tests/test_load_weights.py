@@ -114,3 +114,50 @@ def test_another_methods_weights_are_refused_by_name(saved_dcp_clip, toy_vit, tm
     shutil.copy(weights_file(path), lone)
     with pytest.raises(ovseg.WeightsError, match="does not fit ldvc"):
         ovseg.load("ldvc", backbone=toy_vit, weights=str(lone))
+
+
+# Every head method goes through the same builder (ovseg.methods.builder): small settings each.
+BUILDS = {
+    "dpseg": ("toy_convnext", {"input_size": 64, "num_templates": 2, "prompts_per_class": 1}),
+    "dcp-clip": ("toy_vit", {"input_size": 64, "cost_dim": 32, "window_size": 4}),
+    "esc-net": ("toy_vit", {"input_size": 64, "sam_pretrained": False, "window_size": 4}),
+    "ldvc": ("toy_vit", {"input_size": 64}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_every_builder_shares_a_clip_without_weights_and_copies_it_for_weights(
+    name, request, tmp_path
+):
+    fixture, settings = BUILDS[name]
+    clip = request.getfixturevalue(fixture)
+    untrained = ovseg.load(name, backbone=clip, **settings)
+    assert untrained.backbone is clip
+    assert not untrained.trained_head
+    path = save_weights(untrained, tmp_path / name)
+    before = {key: value.clone() for key, value in clip.state_dict().items()}
+    trained = ovseg.load(name, backbone=clip, weights=str(path))
+    assert trained.trained_head
+    assert trained.backbone is not clip
+    assert trained.config == untrained.config  # the saved config comes back without repeating it
+    after = clip.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    with pytest.raises(WeightsError, match=f"No {name} weights file"):
+        ovseg.load(name, backbone=clip, weights=str(tmp_path / "absent"))
+
+
+def test_settings_that_describe_the_machine_are_not_restored_from_a_record(toy_convnext, tmp_path):
+    method = ovseg.load(
+        "dpseg",
+        backbone=toy_convnext,
+        input_size=64,
+        num_templates=2,
+        prompts_per_class=1,
+        class_chunk=3,
+        prompt_cache_dir=str(tmp_path / "bank"),
+    )
+    path = save_weights(method, tmp_path / "dpseg")
+    loaded = ovseg.load("dpseg", backbone=toy_convnext, weights=str(path))
+    assert (loaded.config.num_templates, loaded.config.prompts_per_class) == (2, 1)
+    assert loaded.config.class_chunk == type(loaded.config)().class_chunk
+    assert loaded.config.prompt_cache_dir is None
