@@ -282,12 +282,11 @@ class WindowAttention(nn.Module):
                 f"{x.shape[0]}."
             )
         width = x.shape[-1]
-        tokens = F.linear(x, linear.weight[:, :width], linear.bias)
-        steer = F.linear(guidance, linear.weight[:, width:])
+        token_term = F.linear(x, linear.weight[:, :width], linear.bias)  # W_x x + b
+        guidance_term = F.linear(guidance, linear.weight[:, width:])  # W_g g, once per group
         groups = x.shape[0] // guidance.shape[0]
-        return (tokens.view(guidance.shape[0], groups, *tokens.shape[1:]) + steer[:, None]).flatten(
-            0, 1
-        )
+        grouped = token_term.view(guidance.shape[0], groups, *token_term.shape[1:])
+        return (grouped + guidance_term[:, None]).flatten(0, 1)
 
     def _position_bias(self, window: tuple[int, int]) -> Tensor:
         """``heads×L×L`` relative position bias for a ``window[0]×window[1]`` window."""
