@@ -21,6 +21,10 @@ class OptionError(OvsegError, ValueError):
     """An option or config field a method does not have, or a value it cannot take."""
 
 
+class UntrainedHeadError(OvsegError, ValueError):
+    """A method without a training-free path was asked to segment without trained head weights."""
+
+
 class NoImageError(OvsegError, RuntimeError):
     """A prediction or features were asked for before an image was given."""
 

@@ -7,7 +7,8 @@ semicolons (the ODISE convention): ``"car; automobile, grass, sky"`` is three cl
 The bundled benchmark vocabularies keep their sources' spellings on disk (``pottedplant``,
 ``wall-concrete``), but :func:`load_vocabulary` hands every method natural names (``potted plant``,
 ``concrete wall``) in the same label-id order; :func:`coco_stuff_overlap` says which benchmark
-classes COCO-Stuff-171, the training set of the papers, already covers.
+classes COCO-Stuff-171, the training set of the papers, already covers, and
+:func:`seen_class_mask` which classes of any vocabulary a trained head has seen.
 """
 
 from __future__ import annotations
@@ -327,3 +328,41 @@ def coco_stuff_seen_mask(
         return None
     seen = coco_stuff_overlap(name)
     return tuple(", ".join(raw) in seen for raw in load_vocabulary(name, raw=True))
+
+
+@cache
+def _toy_world_seen_names() -> frozenset[str]:
+    """Every spelling (name and synonyms) of ToyWorld's seen classes, normalised."""
+    from ovseg.data.toyworld import ToyWorld  # torch and PIL: only the toy default needs them
+
+    world = ToyWorld(image_size=32)
+    return frozenset(
+        normalise_class_name(name)
+        for toy_class in world.classes
+        if toy_class.seen
+        for name in (toy_class.name, *toy_class.synonyms)
+    )
+
+
+def seen_class_mask(
+    classes: Sequence[Sequence[str]], *, toy: bool, seen_names: Iterable[str] | None = None
+) -> tuple[bool, ...]:
+    """Per class, whether a head trained as the papers' heads are has seen it in training.
+
+    Arguments:
+        classes: the vocabulary, one tuple of synonyms per class.
+        toy: whether the CLIP is a ToyWorld one (trained on ToyWorld's seen classes, not on
+            COCO-Stuff-171).
+        seen_names: the names of the training classes; a class is seen when any of its
+            synonyms is one of them. None: ToyWorld's seen classes for a toy CLIP; for a real
+            one, a bundled benchmark's reviewed overlap with COCO-Stuff class by class
+            (:func:`coco_stuff_seen_mask`), else :func:`coco_stuff_seen_names`.
+    """
+    if seen_names is None:
+        benchmark = None if toy else coco_stuff_seen_mask(classes)
+        if benchmark is not None:
+            return benchmark
+        seen = _toy_world_seen_names() if toy else coco_stuff_seen_names()
+    else:
+        seen = {normalise_class_name(name) for name in seen_names}
+    return tuple(any(normalise_class_name(s) in seen for s in synonyms) for synonyms in classes)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from ovseg.backbones import build_sam, load_backbone
 from ovseg.backbones.finetune import query_value_parameters, set_finetuning_scope
 from ovseg.methods.dcp_clip import DcpClip, DcpClipConfig, build_dcp_clip
-from ovseg.methods.esc_net import EscNet, EscNetConfig, build_esc_net, load_sam_for
+from ovseg.methods.esc_net import EscNet, EscNetConfig, build_esc_net
 from ovseg.methods.weights import save_weights
 
 VOCABULARY = ["cat", "dog", "sky", "grass"]
@@ -48,7 +48,7 @@ def esc_net(backbone, sam_path):
         sam="toy",
         sam_checkpoint=str(sam_path),
     )
-    return EscNet(config=config, backbone=backbone, sam=load_sam_for(config)).eval()
+    return EscNet(config=config, backbone=backbone, sam=build_sam("toy", sam_path)).eval()
 
 
 def build(name, backbone, sam_path):

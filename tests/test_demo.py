@@ -231,6 +231,12 @@ def test_dpseg_view_shows_prompts_and_where_pass_two_differs(head_session):
     assert changed.shape == first.shape
     assert any("visual prompt 1" in caption for _, caption in view.prompts)
     assert "changed label" in view.summary
+    crops = head_session.result("dpseg").prediction.intermediates["refined_prompt_images"][0]
+    shown = [image for image, caption in view.prompts if "pass-II prompt" in caption]
+    assert len(shown) == len(crops) > 0
+    for image, crop in zip(shown, crops.values(), strict=True):
+        assert image.dtype == np.uint8 and image.shape == (*crop.shape[1:], 3)
+        np.testing.assert_allclose(image / 255, crop.permute(1, 2, 0).numpy(), atol=1 / 255)
 
 
 def test_dcp_clip_view_tables_follow_theta(head_session, vocabulary):
@@ -252,11 +258,25 @@ def test_esc_net_view_draws_prompts_per_block_and_activation_maps(head_session):
     assert len(view.activations) == blocks + 1  # S_0 … S_N
 
 
+def test_esc_net_view_draws_the_training_free_prompts_and_sam_mask(free_session):
+    assert views.esc_net_blocks(free_session) == 1  # one set of prompts, from the cost volume
+    view = views.esc_net_view(free_session, "fox", 0)
+    assert "from the cost volume" in view.prompts[0][1]
+    assert [label for _, label in view.activations] == ["cost volume", "SAM mask"]
+
+
 def test_ldvc_view_draws_attention_maps_and_the_routed_windows(head_session, vocabulary):
     blocks, windows = views.ldvc_routing_shape(head_session)
     assert blocks >= 1 and windows > 1
     view = views.ldvc_view(head_session, blocks - 1, windows - 1)
     assert len(view.attention) == len(vocabulary)
+    intermediates = head_session.result("ldvc").prediction.intermediates
+    class_maps = views.ldvc_class_attention_maps(intermediates)  # Fig. 1
+    assert class_maps.shape == (1, len(vocabulary), *intermediates["score_map"].shape[-2:])
+    np.testing.assert_allclose(  # the last block's cross-attention, averaged over heads
+        class_maps.flatten(2).transpose(1, 2).numpy(),
+        intermediates["cross_attention"][-1].mean(1).numpy(),
+    )
     assert view.routing.shape == (256, 256, 3)
     assert f"window {windows - 1}" in view.summary
     rows = round(windows**0.5)
@@ -320,7 +340,7 @@ def test_a_method_that_cannot_load_is_reported_not_raised(tmp_path):
     )
     loaded = load_methods(settings_from_arguments(arguments))
     assert list(loaded.methods) == ["dense-clip"]
-    assert loaded.status["ldvc"].startswith("unavailable: No LDVC weights file")
+    assert loaded.status["ldvc"].startswith("unavailable: No ldvc weights file")
     assert loaded.status["dense-clip"].startswith("training-free")
 
 

@@ -15,13 +15,11 @@ import torch.nn.functional as F
 import ovseg
 from ovseg import backbones as backbone_registry
 from ovseg.backbones import WeightsError, load_backbone
-from ovseg.methods.base import METHODS, SegmentationOutput
+from ovseg.methods.base import SegmentationOutput
 from ovseg.methods.blocks import cosine_cost_volume
+from ovseg.methods.builder import METHODS
 from ovseg.methods.chunking import upsample_logits
 from ovseg.methods.dpseg import (
-    PAPER_ABLATIONS,
-    PAPER_RESULTS,
-    TRAINING_RECIPE,
     DPSeg,
     DPSegConfig,
     DualPrompts,
@@ -32,6 +30,7 @@ from ovseg.methods.dpseg import (
 )
 from ovseg.methods.weights import save_weights
 from ovseg.prompts.visual import PromptGallery
+from training.dpseg_paper import PAPER_ABLATIONS, PAPER_RESULTS, TRAINING_RECIPE
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -354,8 +353,7 @@ def test_class_attention_lets_each_class_see_the_others(backbone, cache_dir, att
         logits = method.decode(features, prompts)
         changed = method.decode(features, replaced)
         assert (changed[:, :3] - logits[:, :3]).abs().max() > 1e-3
-        for stage in method.decoder.stages:
-            stage.class_attention.forward = lambda x: x
+        for stage in method.decoder.stages:  # the attended tokens add nothing
             stage.class_attention.mix = lambda tokens: torch.zeros_like(tokens)
         without = method.decode(features, prompts)
         torch.testing.assert_close(
@@ -587,8 +585,7 @@ def test_pass_two_reruns_the_head_on_the_crops_of_pass_one(
     shown = output.intermediates["refined_prompt_images"][0]
     assert list(shown) == detected
     for k, crop in zip(detected, crops, strict=True):
-        uint8 = (crop.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(shown[k], uint8)
+        assert torch.equal(shown[k], crop)
     # The other crop mode would have given other prompts: the setting is not ignored.
     other = "bbox" if crop_mode == "masked" else "masked"
     assert any(
@@ -772,7 +769,7 @@ def test_intermediates_for_the_demo(model, features):
         np.testing.assert_array_equal(image, expected)
     crops = found["refined_prompt_images"][0]
     assert set(crops) == set(found["detected_classes"][0])
-    assert all(c.dtype == np.uint8 and c.shape == (64, 64, 3) for c in crops.values())
+    assert all(c.dtype == torch.float32 and c.shape == (3, 64, 64) for c in crops.values())
     assert found["shapes"]["D3"] == (1, 4, 16, SIZE // 4, SIZE // 4)
     assert found["pass2_logits"] is output.logits
 
@@ -862,8 +859,8 @@ WIDE_VOCABULARY = [*VOCABULARY, "car", "tree", "road"]  # 7 classes: chunks of 3
 
 
 def _reference_and_streamed(method, run):
-    """``run()`` on the reference path (autograd on: every stage built for all classes) and on the
-    streamed one (autograd off), both detached."""
+    """``run()`` with autograd (the chunks of classes concatenated, as in training) and without
+    (the chunks written into one buffer), both detached."""
     with torch.enable_grad():
         reference = run()
     with torch.no_grad():
@@ -928,30 +925,14 @@ def test_streamed_inference_ii_matches_the_reference_path(model, images, monkeyp
     assert torch.equal(kept.logits, results[True].logits)
 
 
-def test_chunked_upsampling_and_running_argmax_match_upsample_logits(model, monkeypatch):
-    generator = torch.Generator().manual_seed(8)
-    logits = torch.randn(2, 150, 6, 5, generator=generator)  # three chunks of 64 classes
-    logits[:, 140] = logits[:, 7]  # a tie across chunks: the first class wins, as in argmax
-    logits[1, 100, 2, 3] = float("nan")  # NaN wins, as in argmax
-    size = (24, 20)
-    with torch.no_grad():
-        expected = upsample_logits(logits, size)
-        exact = {"rtol": 0, "atol": 0, "equal_nan": True}
-        torch.testing.assert_close(model._upsample(logits, size), expected, **exact)
-        assert torch.equal(model._upsampled_argmax(logits, size), expected.argmax(dim=1))
-        monkeypatch.setattr("ovseg.methods.dpseg.UPSAMPLE_CHUNK", 3)
-        upsampled = model._upsample(logits, size)
-        assert torch.equal(model._upsampled_argmax(logits, size), upsampled.argmax(dim=1))
-    assert (upsampled.argmax(dim=1) == 100).any()
-
-
 def test_streamed_inference_builds_full_resolution_logits_once(model, images, monkeypatch):
     """No B×K×… tensor of B×K×H×W floats (the full-resolution logits, or D3's B×K×16×H/4×W/4)
-    exists during Inference II but the output: pass I's label map comes from chunks of classes."""
+    exists during Inference II but the output, with autograd or without: pass I's label map comes
+    from chunks of classes, and its logits are built only when asked for as an intermediate."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     monkeypatch.setattr(model, "config", model.config.replace(class_chunk=2))
-    monkeypatch.setattr("ovseg.methods.dpseg.UPSAMPLE_CHUNK", 2)
+    monkeypatch.setattr("ovseg.methods.chunking.UPSAMPLE_CHUNK", 2)
     with torch.no_grad():
         features = model.encode_image(images)
     model.visual_prompts(WIDE_VOCABULARY)  # a warm prompt bank
@@ -973,14 +954,15 @@ def test_streamed_inference_builds_full_resolution_logits_once(model, images, mo
                     self.storages.add(tensor.untyped_storage().data_ptr())
             return result
 
-    def large_tensors(grad: bool) -> int:
+    def large_tensors(grad: bool, **options) -> int:
         with torch.set_grad_enabled(grad), LargeTensors() as mode:
-            output = model.segment(features, WIDE_VOCABULARY, head=True, inference="II")
+            output = model.segment(features, WIDE_VOCABULARY, head=True, inference="II", **options)
         assert output.logits.numel() == full and output.intermediates["detected_classes"][0]
         return len(mode.storages)
 
     assert large_tensors(grad=False) == 1
-    assert large_tensors(grad=True) > 1  # the reference path (training) builds several
+    assert large_tensors(grad=True) == 1
+    assert large_tensors(grad=False, return_intermediates=True) == 2  # and pass I's logits
 
 
 def test_refinement_encodes_the_crops_per_encoder_batch(model, images, monkeypatch):

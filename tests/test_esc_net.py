@@ -71,6 +71,11 @@ def images(batch=2, size=64, seed=0):
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def by_class(chunks, batch, attribute):
+    """One block's pseudo prompts, chunked as ``(B·Kc)×…`` per chunk of classes, as ``B×K×…``."""
+    return torch.cat([getattr(c, attribute).unflatten(0, (batch, -1)) for c in chunks], dim=1)
+
+
 # ------------------------------------------------------------------ Pseudo Prompt Generator
 
 
@@ -182,10 +187,11 @@ def test_training_free_boxes_span_their_regions_pixels_inside_sams_frame(
     decode = sam.decode
     monkeypatch.setattr(sam, "decode", lambda *a, **k: seen.append(k["boxes"]) or decode(*a, **k))
     out = method(images(1), VOCABULARY[:3], return_intermediates=True)
+    [[prompts]] = out.intermediates["pseudo_prompts"]  # one set of one chunk: 1 image × 3 classes
     boxes = torch.cat(seen).view(3, 5, 4)
     stride, scale = 8, sam.image_size / 64  # toy ViT patches; SAM's ResizeLongestSide
     for row, region in itertools.product(range(3), range(5)):
-        ys, xs = torch.nonzero(out.intermediates["pseudo_regions"][0, row, region], as_tuple=True)
+        ys, xs = torch.nonzero(prompts.regions[row, region], as_tuple=True)
         first = torch.tensor([xs.min(), ys.min()]) * stride * scale
         last = (torch.tensor([xs.max(), ys.max()]) * stride + stride - 1) * scale
         assert boxes[row, region].tolist() == [*first.tolist(), *last.tolist()]
@@ -241,7 +247,7 @@ def test_without_sam_there_is_no_ppg_prompt_encoder_or_sam_block(toy_vit, sam_pa
     assert not any("sam" in group["name"] for group in method.parameter_groups(2e-4))
     method.trained_head = True
     out = method(images(1), VOCABULARY[:3], return_intermediates=True)
-    assert "pseudo_points" not in out.intermediates and out.logits.shape == (1, 3, 64, 64)
+    assert "pseudo_prompts" not in out.intermediates and out.logits.shape == (1, 3, 64, 64)
 
 
 @pytest.mark.parametrize(
@@ -288,9 +294,12 @@ def test_head_shapes_and_block_intermediates_at_toy_scale(toy_vit, sam_path):
     assert out.logits.shape == (2, 3, 64, 64)
     assert inter["cost_volume"].shape == (2, 3, 8, 8)
     assert inter["activation_maps"].shape == (2, 5, 3, 8, 8)
-    assert inter["pseudo_points"].shape == (2, 4, 3, 5, 2)
-    assert inter["pseudo_regions"].shape == (2, 4, 3, 5, 8, 8)
-    assert inter["pseudo_boxes"].shape == (2, 4, 3, 5, 4)
+    blocks = inter["pseudo_prompts"]  # per block, one chunk of 2 images × 3 classes
+    assert len(blocks) == 4 and all(len(chunks) == 1 for chunks in blocks)
+    for [prompts] in blocks:
+        assert prompts.points.shape == (6, 5, 2)
+        assert prompts.regions.shape == (6, 5, 8, 8)
+        assert prompts.boxes.shape == (6, 5, 4)
     # S_0 is Eq. 1; with the zero-initialised S_k convs every block prompts from it.
     text = toy_vit.encode_text(VOCABULARY[:3], TEMPLATES).mean
     features = method.encode_image(images(2))
@@ -300,7 +309,7 @@ def test_head_shapes_and_block_intermediates_at_toy_scale(toy_vit, sam_path):
     for block in range(1, 5):
         assert torch.equal(inter["activation_maps"][:, block], inter["activation_maps"][:, 0])
     expected = pseudo_prompts(inter["cost_volume"].flatten(0, 1))
-    assert torch.equal(inter["pseudo_points"][:, 3].flatten(0, 1), expected.points)
+    assert torch.equal(blocks[3][0].points, expected.points)
 
 
 def test_permuting_the_classes_permutes_the_logits(toy_vit, sam_path):
@@ -326,7 +335,14 @@ def test_chunked_and_unchunked_classes_agree(toy_vit, sam_path):
         whole = method(images(2), VOCABULARY, return_intermediates=True)
         parts = chunked(images(2), VOCABULARY, return_intermediates=True)
     assert torch.allclose(whole.logits, parts.logits, atol=1e-5)
-    assert torch.equal(whole.intermediates["pseudo_regions"], parts.intermediates["pseudo_regions"])
+    assert [len(chunks) for chunks in parts.intermediates["pseudo_prompts"]] == [3] * 4
+    for whole_block, chunked_block in zip(
+        whole.intermediates["pseudo_prompts"], parts.intermediates["pseudo_prompts"], strict=True
+    ):
+        for attribute in ("points", "regions", "boxes"):
+            assert torch.equal(
+                by_class(whole_block, 2, attribute), by_class(chunked_block, 2, attribute)
+            )
 
 
 def test_one_class_works(toy_vit, sam_path):
@@ -397,8 +413,9 @@ def test_training_free_path_labels_sam_masks_by_their_class(toy_vit, sam_path):
         (cost / 0.01).log_softmax(1), size=(64, 64), mode="bilinear", align_corners=False
     )
     assert torch.allclose(out.logits, class_log_prob + inter["sam_masks"].log(), atol=1e-4)
-    assert inter["pseudo_points"].shape == (1, 3, 5, 2)
-    assert torch.equal(inter["pseudo_points"][0], pseudo_prompts(cost[0]).points)
+    [[prompts]] = inter["pseudo_prompts"]  # one set of one chunk: 1 image × 3 classes
+    assert prompts.points.shape == (3, 5, 2)
+    assert torch.equal(prompts.points, pseudo_prompts(cost[0]).points)
 
 
 def test_training_free_without_a_pretrained_sam_is_dense_clip(toy_vit, sam_path):
@@ -468,7 +485,8 @@ def test_real_scale_shapes_vit_b_16_at_384_with_sam_vit_b_blocks():
         out = method(torch.rand(1, 3, 384, 384), ["cat", "dog"], return_intermediates=True)
     assert out.logits.shape == (1, 2, 384, 384)
     assert out.intermediates["cost_volume"].shape == (1, 2, 24, 24)
-    assert out.intermediates["pseudo_regions"].shape == (1, 4, 2, 5, 24, 24)
+    blocks = out.intermediates["pseudo_prompts"]
+    assert [[p.regions.shape for p in chunks] for chunks in blocks] == [[(2, 5, 24, 24)]] * 4
     head = sum(p.numel() for n, p in method.named_parameters() if not n.startswith("backbone."))
     sam_layers = sum(p.numel() for b in method.sam_blocks for p in b.layer.parameters())
     assert sam_layers == 4 * 1_579_520  # spec §2.5: one TwoWayAttentionBlock each
@@ -534,8 +552,9 @@ def test_the_mean_of_region_prompts_is_the_union_at_one_n_o_th_strength(sam_path
 
 def test_sam_blocks_equal_segment_anythings_two_way_block_run_class_by_class(toy_vit, sam_path):
     """Eq. 2 against segment-anything: each class's tokens [text ; SAM prompt encoding] and keys
-    (image + dense prompt, SAM's dense PE) through the checkpoint's own TwoWayAttentionBlock one
-    class at a time, then the mean over classes fused with the block input."""
+    (vision features + dense prompt, SAM's dense PE) through the checkpoint's own
+    TwoWayAttentionBlock one class at a time, then the mean over classes fused with the block
+    input."""
     method = small(toy_vit, sam_path)
     method.trained_head = True
     sam = build_sam(None, sam_path)
@@ -546,13 +565,14 @@ def test_sam_blocks_equal_segment_anythings_two_way_block_run_class_by_class(toy
         features = method.encode_image(images(2))
         text = method.backbone.encode_text(vocabulary, TEMPLATES).mean
         cost = cosine_cost_volume(features.clip.dense, text)
-        image = method.image_projection(features.clip.dense)
+        vision_features = method.image_projection(features.clip.dense)
         text_tokens = method.text_token(text)
         for index in range(2):
-            fused, _ = method._sam_block(index, image, cost, text_tokens)
+            block = method.esc_block(index, vision_features, cost, None, text, text_tokens)
+            fused = block.vision_features
             layer = sam.mask_decoder.transformer.layers[index]
             assert isinstance(layer, TwoWayAttentionBlock)
-            refined = torch.zeros(2, 64, image.shape[1])
+            refined = torch.zeros(2, 64, vision_features.shape[1])
             for b, n in itertools.product(range(2), range(3)):
                 prompts = pseudo_prompts(cost[b, n][None])
                 sparse, dense = reference(
@@ -561,16 +581,17 @@ def test_sam_blocks_equal_segment_anythings_two_way_block_run_class_by_class(toy
                     masks=mask_logits(prompts.foreground),
                 )
                 tokens = torch.cat([text_tokens[n][None, None], sparse], dim=1)
-                keys = (image[b : b + 1] + dense).flatten(2).permute(0, 2, 1)
+                keys = (vision_features[b : b + 1] + dense).flatten(2).permute(0, 2, 1)
                 _, keys = layer(queries=tokens, keys=keys, query_pe=tokens, key_pe=key_pe)
                 refined[b] += keys[0] / 3
-            refined = refined.transpose(1, 2).reshape(image.shape)
-            expected = method.sam_blocks[index].fuse(torch.cat([image, refined], dim=1))
+            refined = refined.transpose(1, 2).reshape(vision_features.shape)
+            expected = method.sam_blocks[index].fuse(torch.cat([vision_features, refined], dim=1))
             torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_each_blocks_prompts_come_from_the_previous_blocks_activation_map(toy_vit, sam_path):
     """Block k's PPG reads S_{k-1} (A11), not the cosine map S_0 again."""
+    torch.manual_seed(0)  # the head's initialisation decides how far the maps move
     method = small(toy_vit, sam_path)
     randomise_activation_heads(method)
     method.trained_head = True
@@ -581,8 +602,9 @@ def test_each_blocks_prompts_come_from_the_previous_blocks_activation_map(toy_vi
     moved = 0
     for block in range(4):
         expected = pseudo_prompts(maps[:, block].flatten(0, 1))
-        assert torch.equal(inter["pseudo_regions"][:, block].flatten(0, 1), expected.regions)
-        assert torch.equal(inter["pseudo_points"][:, block].flatten(0, 1), expected.points)
+        [prompts] = inter["pseudo_prompts"][block]  # one chunk of 2 images × 3 classes
+        assert torch.equal(prompts.regions, expected.regions)
+        assert torch.equal(prompts.points, expected.points)
         moved += not torch.equal(expected.regions, from_cost_volume)
     assert moved == 3  # the refined maps really do prompt differently
 

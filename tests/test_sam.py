@@ -6,10 +6,20 @@ import numpy as np
 import pytest
 import segment_anything
 import torch
+from safetensors.torch import load_file
 from segment_anything.modeling import Sam
 
+import ovseg.backbones
 from ovseg.backbones import sam as sam_module
-from ovseg.backbones.sam import SAM_CONFIGS, SamBackbone, SamConfig, build_sam, register_sam_config
+from ovseg.backbones.sam import (
+    SAM_CONFIGS,
+    TOY_SAM_CHECKPOINT,
+    SamBackbone,
+    SamConfig,
+    build_sam,
+    load_sam,
+    register_sam_config,
+)
 from ovseg.errors import WeightsError
 
 TOY_GRID = 16
@@ -347,3 +357,34 @@ def test_pth_without_a_name_asks_for_one(toy, tmp_path) -> None:
     torch.save(toy.sam.state_dict(), path)
     with pytest.raises(ValueError, match=r"sam_toy\.pth carries no architecture; pass a name"):
         build_sam(None, path)
+
+
+def test_load_sam_defaults_to_the_shipped_toy_sam() -> None:
+    path = ovseg.backbones.ASSETS_DIR / TOY_SAM_CHECKPOINT
+    if not path.is_file():
+        pytest.skip("the toy SAM is not shipped in this checkout")
+    shipped = load_sam("toy", image_encoder=False)
+    assert shipped.image_encoder is None
+    expected = load_file(path)
+    for name, tensor in shipped.sam.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_load_sam_reads_the_checkpoint_or_keeps_random_weights(toy, tmp_path) -> None:
+    path = toy.save(tmp_path / "sam")
+    loaded = load_sam("toy", path)
+    assert torch.equal(
+        loaded.sam.mask_decoder.iou_token.weight, toy.sam.mask_decoder.iou_token.weight
+    )
+    # pretrained=False never reads the checkpoint, so a missing one does not matter.
+    random = load_sam("toy", tmp_path / "absent.safetensors", pretrained=False)
+    assert not torch.equal(
+        random.sam.mask_decoder.iou_token.weight, toy.sam.mask_decoder.iou_token.weight
+    )
+
+
+def test_load_sam_names_a_missing_checkpoint_and_asks_for_a_real_sams_weights(tmp_path) -> None:
+    with pytest.raises(WeightsError, match=r"Cannot load the SAM 'toy': .*absent\.pth"):
+        load_sam("toy", tmp_path / "absent.pth")
+    with pytest.raises(ValueError, match="'vit_b' has no shipped weights: give its checkpoint"):
+        load_sam("vit_b")

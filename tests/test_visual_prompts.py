@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from ovseg.caching import WeightsFingerprint
 from ovseg.data.toyworld import ToyWorld
 from ovseg.prompts.visual import (
+    DEFAULT_SD_MODEL,
     BlackPromptImageError,
     MissingVisualPromptsError,
     NoisyPromptGenerator,
+    PromptEncoderId,
+    PromptMemo,
     StableDiffusionGenerator,
     ToyWorldSpriteGenerator,
     VisualPromptBank,
@@ -25,6 +29,7 @@ from ovseg.prompts.visual import (
     VisualPromptGenerator,
     add_prompt_noise,
     is_black_image,
+    make_generator,
 )
 
 TEMPLATES = ("a photo of a {}.", "a {} in the scene.", "a photo of many {}.")
@@ -132,6 +137,20 @@ def test_noisy_generator_keys_the_cache_separately(sprites, tmp_path):
     assert clean_bank.image_path(entry) != noisy_bank.image_path(entry)
 
 
+def test_a_generator_setting_names_its_generator_and_adds_the_noise():
+    sprites = make_generator("toyworld", resolution=48)
+    assert isinstance(sprites, ToyWorldSpriteGenerator) and sprites.resolution == 48
+    drawn = make_generator("sd15", resolution=64, dtype="float16")
+    assert isinstance(drawn, StableDiffusionGenerator) and drawn._pipeline is None  # lazy
+    assert (drawn.model, drawn.resolution, drawn.dtype) == (DEFAULT_SD_MODEL, 64, torch.float16)
+    given = ListGenerator()
+    assert make_generator(given, resolution=8) is given
+    noisy = make_generator(given, resolution=8, noise=0.6)
+    assert isinstance(noisy, NoisyPromptGenerator) and noisy.base is given and noisy.noise == 0.6
+    with pytest.raises(ValueError, match="LayerDiffuse"):
+        make_generator("layerdiffuse", resolution=64)
+
+
 # --------------------------------------------------------------------------------------- bank
 
 
@@ -170,6 +189,43 @@ def test_bank_reads_back_without_regenerating(tmp_path):
     fresh = make_bank(generator, tmp_path).embeddings(["red", "blue"], TEMPLATES, generate=False)
     assert generator.calls == calls
     assert torch.equal(first.embeddings, fresh.embeddings)
+
+
+def test_the_encoder_id_is_the_clip_name_and_a_digest_of_the_weights():
+    encoder = torch.nn.Linear(3, 2)
+    encoder_id = PromptEncoderId("toy-convnext", encoder)
+    first = encoder_id()
+    assert first == f"toy-convnext@{WeightsFingerprint()(encoder)}" and len(first) == 13 + 16
+    with torch.no_grad():
+        encoder.weight[0, 0] += 1
+    assert encoder_id() != first and encoder_id() == f"toy-convnext@{WeightsFingerprint()(encoder)}"
+
+
+def test_the_memo_remembers_a_vocabulary_until_the_bank_changes(tmp_path, monkeypatch):
+    bank = make_bank(ListGenerator(), tmp_path)
+    calls = []
+    embeddings = bank.embeddings
+    monkeypatch.setattr(bank, "embeddings", lambda *a: calls.append(a) or embeddings(*a))
+    memo = PromptMemo()
+    settings = {"device": torch.device("cpu"), "dtype": torch.float64}
+
+    def remembered():
+        return memo.embeddings(bank, ["red", ("blue",)], TEMPLATES, 2, **settings)
+
+    with torch.inference_mode():  # the remembered tensors may enter a later training step
+        first = remembered()
+    assert not first.embeddings.is_inference() and first.embeddings.dtype == torch.float64
+    torch.testing.assert_close(
+        first.embeddings, embeddings(["red", "blue"], TEMPLATES, 2).embeddings.double()
+    )
+    assert remembered() is first and len(calls) == 1
+    assert memo.embeddings(bank, ["red", "blue"], TEMPLATES, 2, **settings) is first
+    bank.seed = 1  # other images
+    assert not torch.equal(remembered().embeddings, first.embeddings) and len(calls) == 2
+    bank.seed = 0
+    assert remembered() is first
+    memo.clear()
+    assert remembered() is not first and len(calls) == 3
 
 
 def test_missing_entries_are_reported_never_zero_filled(tmp_path):

@@ -357,3 +357,35 @@ def test_a_bundled_benchmarks_seen_mask_is_its_reviewed_table_class_by_class():
     assert mask[ade847.index("dog")]
     assert coco_stuff_seen_mask(load_vocabulary("ade-150").classes[:-1]) is None
     assert coco_stuff_seen_mask([("cat",), ("dog",)]) is None
+
+
+def test_a_real_clips_seen_classes_are_a_benchmarks_table_or_every_seen_spelling():
+    from ovseg.vocabulary import seen_class_mask
+
+    for name in ("ade-150", "ade-847", "voc-20"):
+        seen = seen_class_mask(load_vocabulary(name).classes, toy=False)
+        assert sum(seen) == len(coco_stuff_overlap(name)), name
+    ade150 = load_vocabulary("ade-150")
+    seen = seen_class_mask(ade150.classes, toy=False)
+    for stuff in ("wall", "building", "sky", "floor", "ceiling"):
+        assert seen[ade150.index(stuff)], stuff
+    assert not seen[ade150.index("chandelier")]
+    assert all(seen_class_mask(load_vocabulary("voc-20").classes, toy=False))  # aeroplane, sofa
+    # Another vocabulary is matched by name against every seen spelling of every benchmark.
+    flags = seen_class_mask((("aeroplane",), ("chandelier",), ("wall",)), toy=False)
+    assert flags == (True, False, True)
+
+
+def test_a_toy_clips_seen_classes_are_toyworlds_and_given_names_match_any_synonym():
+    from ovseg.data.toyworld import ToyWorld
+    from ovseg.vocabulary import seen_class_mask
+
+    world = ToyWorld(image_size=32)
+    classes = [(c.name, *c.synonyms) for c in world.classes]
+    assert seen_class_mask(classes, toy=True) == tuple(c.seen for c in world.classes)
+    assert not all(c.seen for c in world.classes) and any(c.seen for c in world.classes)
+    assert seen_class_mask(load_vocabulary("voc-20").classes, toy=True) != (True,) * 20
+    flags = seen_class_mask(
+        (("car", "Auto-Mobile"), ("sky",)), toy=True, seen_names=["auto_mobile"]
+    )
+    assert flags == (True, False)

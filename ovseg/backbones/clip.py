@@ -229,9 +229,10 @@ class ClipBackbone(nn.Module):
             self._pos_embed_cache = {key: resized}
         return resized
 
-    def _encode_vit(
-        self, images: Tensor, layers: Sequence[int], dense_mode: DenseMode, return_attention: bool
-    ) -> DenseFeatures:
+    def vit_input_tokens(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """What a ViT tower's first block sees: normalised ``B×3×H×W`` images → ``B×(1+h·w)×width``
+        tokens (class token, then the patches; position embeddings resized to the grid, then
+        ``ln_pre``) and the ``(h, w)`` grid."""
         visual: VisionTransformer = self.model.visual
         batch = images.shape[0]
         grid = (images.shape[-2] // self.stride, images.shape[-1] // self.stride)
@@ -239,7 +240,13 @@ class ClipBackbone(nn.Module):
         class_token = visual.class_embedding.to(tokens.dtype).expand(batch, 1, -1)
         tokens = torch.cat([class_token, tokens], dim=1)
         tokens = tokens + self._positional_embedding(visual, grid).to(tokens.dtype)
-        tokens = visual.ln_pre(tokens)
+        return visual.ln_pre(tokens), grid
+
+    def _encode_vit(
+        self, images: Tensor, layers: Sequence[int], dense_mode: DenseMode, return_attention: bool
+    ) -> DenseFeatures:
+        visual: VisionTransformer = self.model.visual
+        tokens, grid = self.vit_input_tokens(images)
 
         wanted = {layer % self.num_layers for layer in layers}
         intermediates: dict[str, Tensor] = {}

@@ -6,6 +6,7 @@ real ViT-B/L/H architectures and the small ToyWorld one go through the same `bui
 
     sam = build_sam("vit_b", "sam_vit_b_01ec64.pth")  # official checkpoint
     sam = build_sam(None, "assets/toy_sam.safetensors")  # architecture read from toy_sam.json
+    sam = load_sam("toy")  # the shipped ToyWorld SAM
     embeddings = sam.encode_image(images)  # (B, 3, H, W) in [0, 1] -> (B, C, h, w)
     mask_logits, iou = sam.decode(embeddings, points=(coords, labels))
 """
@@ -37,6 +38,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor, nn
 
+import ovseg.backbones
 from ovseg.errors import MissingWeightsError, WeightsError
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "SamBackbone",
     "SamConfig",
     "build_sam",
+    "load_sam",
     "register_sam_config",
 ]
 
@@ -52,6 +55,8 @@ __all__ = [
 _METADATA_NAME_KEY = "ovseg.sam.name"
 _METADATA_CONFIG_KEY = "ovseg.sam.config"
 _SAFETENSORS_SUFFIX = ".safetensors"
+# The ToyWorld SAM shipped in the assets folder: what the "toy" architecture loads by default.
+TOY_SAM_CHECKPOINT = Path("sam-toy") / "sam-toy.safetensors"
 # How many offending keys an architecture-mismatch error quotes.
 _KEYS_SHOWN = 5
 
@@ -714,3 +719,41 @@ def build_sam(
     if device is not None:
         backbone.to(device)
     return backbone
+
+
+def load_sam(
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    pretrained: bool = True,
+    device: torch.device | str | None = None,
+    image_encoder: bool = True,
+) -> SamBackbone:
+    """A pretrained SAM by architecture name: `build_sam` with the default weights filled in.
+
+    Args:
+        name: A key of `SAM_CONFIGS`.
+        checkpoint: The weights (see `build_sam`); None: the shipped ToyWorld SAM for `"toy"`
+            (other architectures have no default and need one).
+        pretrained: False builds the architecture with random weights; `checkpoint` is not read.
+        device: Where to put the model.
+        image_encoder: False builds and loads only the prompt encoder and the mask decoder.
+
+    Raises:
+        ValueError: a pretrained SAM other than `"toy"` without a checkpoint.
+        WeightsError: the checkpoint is missing or does not fit the architecture.
+    """
+    if not pretrained:
+        return build_sam(name, None, device=device, image_encoder=image_encoder)
+    if checkpoint is None:
+        if name != "toy":
+            raise ValueError(
+                f"SAM {name!r} has no shipped weights: give its checkpoint (a method's "
+                "sam_checkpoint setting; e.g. the official sam_vit_b_01ec64.pth), or "
+                "pretrained=False for random weights."
+            )
+        checkpoint = ovseg.backbones.ASSETS_DIR / TOY_SAM_CHECKPOINT
+    try:
+        return build_sam(name, checkpoint, device=device, image_encoder=image_encoder)
+    except (FileNotFoundError, ValueError) as error:
+        raise WeightsError(f"Cannot load the SAM {name!r}: {error}") from error

@@ -6,6 +6,7 @@ the views are tested without a browser and ``app.py`` only wires them to compone
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from ovseg.demo.session import MethodResult, Session
 from ovseg.errors import OvsegError
+from ovseg.methods.dcp_clip import CategorySelection
 from ovseg.prompts.visual import VisualPromptError
 from ovseg.viz import (
     changed_pixels,
@@ -239,6 +241,11 @@ class DPSegView:
     summary: str
 
 
+def _crop_image(crop: torch.Tensor) -> np.ndarray:
+    """An Inference II crop, ``3×S×S`` in [0, 1] → ``S×S×3`` uint8."""
+    return (crop.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
 def dpseg_view(session: Session) -> DPSegView:
     """Visual prompts per class, the pass-II crops, and pass I against pass II."""
     result = _require(session, "dpseg")
@@ -258,7 +265,7 @@ def dpseg_view(session: Session) -> DPSegView:
         )
     crops = intermediates.get("refined_prompt_images", [{}])[0]
     for index, crop in crops.items():
-        prompts.append((crop, f"{names[index]} · pass-II prompt (crop of this image)"))
+        prompts.append((_crop_image(crop), f"{names[index]} · pass-II prompt (crop of this image)"))
     first = _logits_to_labels(intermediates["pass1_logits"], size)
     second = _logits_to_labels(intermediates["pass2_logits"], size)
     changed = float((first != second).mean())
@@ -289,12 +296,84 @@ class DcpClipView:
     summary: str
 
 
+def dcp_clip_selection_table(
+    selection: CategorySelection, names: Sequence[str]
+) -> list[list[dict[str, Any]]]:
+    """Per image, one row per vocabulary class: scores, votes, selected or not, and why."""
+    votes = selection.patch_votes.tolist()
+    num_classes = selection.selected.shape[1]
+    raw_votes = F.one_hot(selection.raw_patch_winners, num_classes).sum(dim=1).tolist()
+    best_patch = selection.patch_scores.amax(dim=2).tolist()
+    image_scores = selection.image_scores.tolist()
+    flags = {
+        key: getattr(selection, key).tolist()
+        for key in ("from_image", "from_patch", "forced", "dropped", "selected")
+    }
+    tables = []
+    for image in range(selection.selected.shape[0]):
+        rows = []
+        for index, name in enumerate(names):
+            flag = {key: bool(values[image][index]) for key, values in flags.items()}
+            rows.append(
+                {
+                    "index": index,
+                    "name": name,
+                    "image_score": image_scores[image][index],
+                    "above_theta": flag["from_image"],
+                    "patch_votes": votes[image][index],
+                    "patch_votes_before_suppression": raw_votes[image][index],
+                    "max_patch_score": best_patch[image][index],
+                    "in_patch_set": flag["from_patch"],
+                    "forced": flag["forced"],
+                    "selected": flag["selected"],
+                    "reason": _selection_reason(flag, enabled=selection.enabled),
+                }
+            )
+        tables.append(rows)
+    return tables
+
+
+def _selection_reason(flag: dict[str, bool], *, enabled: bool) -> str:
+    if not enabled:
+        return "all classes (DCS off)"
+    reasons = [
+        text
+        for key, text in (
+            ("from_image", "image score > θ"),
+            ("from_patch", "patch votes"),
+            ("forced", "ground truth"),
+        )
+        if flag[key]
+    ]
+    if flag["dropped"]:
+        return f"dropped by max_selected ({' + '.join(reasons)})"
+    return " + ".join(reasons) if reasons else "not selected"
+
+
+def dcp_clip_coarse_labels(intermediates: dict[str, Any]) -> torch.Tensor:
+    """``B×h×w`` coarse prediction: per patch, the selected class of the highest initial cost.
+
+    The cost map holds each image's selected classes in ``selected_classes`` order, then
+    padding, which never wins.
+    """
+    cost_map = intermediates["coarse_cost_map"]
+    return torch.stack(
+        [
+            torch.tensor(selected, device=cost_map.device)[
+                cost_map[image, : len(selected)].argmax(dim=0)
+            ]
+            for image, selected in enumerate(intermediates["selected_classes"])
+        ]
+    )
+
+
 def dcp_clip_view(session: Session) -> DcpClipView:
     """The selection table, coarse against fine labels and Tag Validation's relabels."""
     result = _require(session, "dcp-clip")
     intermediates = result.prediction.intermediates
     names = session.vocabulary.names
-    table = sorted(intermediates["selection_table"][0], key=lambda row: -row["image_score"])
+    rows = dcp_clip_selection_table(intermediates["selection"], names)[0]
+    table = sorted(rows, key=lambda row: -row["image_score"])
     selection = [
         [
             row["name"],
@@ -307,7 +386,8 @@ def dcp_clip_view(session: Session) -> DcpClipView:
         for row in table
     ]
     size = session.image.shape[:2]
-    coarse = _resize_labels(_numpy(intermediates["coarse_labels"][0]).astype(np.int64), size)
+    coarse_labels = dcp_clip_coarse_labels(intermediates)[0]
+    coarse = _resize_labels(_numpy(coarse_labels).astype(np.int64), size)
     fine = _resize_labels(_numpy(intermediates["fine_labels"][0]).astype(np.int64), size)
     final = result.prediction.label_map
     labels = [
@@ -316,8 +396,15 @@ def dcp_clip_view(session: Session) -> DcpClipView:
         (overlay(session.image, final, names), "final (after Tag Validation)"),
     ]
     relabels = [
-        [c["from_name"], c["to_name"], c["rank"], c["k"], c["pixels"], c["relabelled"]]
-        for c in intermediates["tag_validation"][0]
+        [
+            names[d.region_class],
+            names[d.new_class],
+            d.rank,
+            d.rank_cutoff,
+            d.pixels,
+            d.relabelled,
+        ]
+        for d in intermediates["tag_validation"][0]
     ]
     selection_object = intermediates["selection"]
     count = int(intermediates["num_selected"][0])
@@ -344,13 +431,30 @@ class EscNetView:
 
 
 def esc_net_blocks(session: Session | None) -> int:
-    """How many blocks of pseudo prompts the last ESC-Net run has (0: none)."""
+    """How many blocks of pseudo prompts the last ESC-Net run has (0: none; the training-free
+    path has one set, from the cost volume)."""
     result = None if session is None else session.result("esc-net")
     prediction = None if result is None else result.prediction
-    if prediction is None or "pseudo_points" not in prediction.intermediates:
+    if prediction is None or "pseudo_prompts" not in prediction.intermediates:
         return 0
-    points = prediction.intermediates["pseudo_points"]
-    return points.shape[1] if points.dim() == 5 else 1
+    return len(prediction.intermediates["pseudo_prompts"])
+
+
+def _esc_net_prompts(intermediates: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """ESC-Net's pseudo prompts as ``B×N×K×N_o×2`` points, ``B×N×K×N_o×h×w`` regions and
+    ``B×N×K×N_o×4`` boxes: the method gives, per block, one ``PseudoPrompts`` per chunk of
+    classes, of its ``B·Kc`` maps in (image, class) order."""
+    batch = intermediates["cost_volume"].shape[0]
+    return tuple(
+        torch.stack(
+            [
+                torch.cat([getattr(p, field).unflatten(0, (batch, -1)) for p in chunks], dim=1)
+                for chunks in intermediates["pseudo_prompts"]
+            ],
+            dim=1,
+        )
+        for field in ("points", "regions", "boxes")
+    )
 
 
 def esc_net_view(session: Session, class_name: str, block: int) -> EscNetView:
@@ -358,14 +462,10 @@ def esc_net_view(session: Session, class_name: str, block: int) -> EscNetView:
     result = _require(session, "esc-net")
     intermediates = result.prediction.intermediates
     index = _class_index(session, class_name)
-    if "pseudo_points" not in intermediates:
+    if "pseudo_prompts" not in intermediates:
         raise ViewUnavailable("This ESC-Net runs without SAM blocks, so it has no pseudo prompts.")
-    points, regions, boxes = (
-        intermediates[key] for key in ("pseudo_points", "pseudo_regions", "pseudo_boxes")
-    )
+    points, regions, boxes = _esc_net_prompts(intermediates)
     blocks = esc_net_blocks(session)
-    if points.dim() == 4:  # training-free: one set of prompts for the full SAM
-        points, regions, boxes = points[:, None], regions[:, None], boxes[:, None]
     block = int(min(max(block, 0), blocks - 1))
     drawing = draw_pseudo_prompts(
         session.image,
@@ -421,6 +521,17 @@ def ldvc_routing_shape(session: Session | None) -> tuple[int, int]:
     return len(routings), rows * cols
 
 
+def ldvc_class_attention_maps(intermediates: dict[str, Any]) -> torch.Tensor | None:
+    """Fig. 1's class attention maps ``B×K×h×w``: the last decoder block's cross-attention of
+    every token to each class, averaged over heads (None without decoder blocks)."""
+    cross_attention = intermediates.get("cross_attention") or []
+    if not cross_attention:
+        return None
+    last = cross_attention[-1]
+    grid = intermediates["score_map"].shape[-2:]
+    return last.mean(dim=1).transpose(1, 2).reshape(last.shape[0], -1, *grid)
+
+
 def window_at(session: Session | None, block: int, x: float, y: float) -> int:
     """The row-major LCSA window under image pixel (x, y) in a block's window grid (0 when there
     is no routing to inspect)."""
@@ -443,7 +554,7 @@ def ldvc_view(session: Session, block: int, window: int) -> LdvcView:
     intermediates = result.prediction.intermediates
     names = session.vocabulary.names
     attention = []
-    class_maps = intermediates.get("class_attention_maps")
+    class_maps = ldvc_class_attention_maps(intermediates)
     if class_maps is not None:
         for index in range(min(len(names), MAX_PROMPT_CLASSES)):
             attention.append(

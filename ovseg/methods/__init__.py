@@ -6,16 +6,8 @@ from ovseg.methods import dpseg  # noqa: F401  (registers "dpseg")
 from ovseg.methods import dcp_clip  # noqa: F401  (registers "dcp-clip")
 from ovseg.methods import esc_net  # noqa: F401  (registers "esc-net")
 from ovseg.methods import ldvc  # noqa: F401  (registers "ldvc")
-from ovseg.methods.base import (
-    IGNORE_INDEX,
-    METHODS,
-    MethodConfig,
-    SegmentationMethod,
-    SegmentationOutput,
-    build_method,
-    list_methods,
-    register_method,
-)
+from ovseg.methods.base import IGNORE_INDEX, MethodConfig, SegmentationMethod, SegmentationOutput
+from ovseg.methods.builder import METHODS, build_method, list_methods, register_method
 
 __all__ = [
     "IGNORE_INDEX",

@@ -8,7 +8,7 @@ vocabulary). ``forward`` chains the two.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,7 +19,7 @@ from ovseg.backbones import ClipBackbone
 from ovseg.backbones.finetune import (
     set_finetuning_scope,
 )
-from ovseg.errors import OptionError, UnknownMethodError
+from ovseg.errors import OptionError
 from ovseg.methods.chunking import resize_logits
 
 IGNORE_INDEX = 255
@@ -165,31 +165,3 @@ class SegmentationMethod(nn.Module):
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups; methods override this with their paper's learning rates."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": base_lr}]
-
-
-MethodBuilder = Callable[..., SegmentationMethod]
-METHODS: dict[str, MethodBuilder] = {}
-
-
-def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
-    """Register a builder: ``fn(*, backbone=None, weights=None, device=None, **config)``."""
-
-    def decorator(builder: MethodBuilder) -> MethodBuilder:
-        if name in METHODS:
-            raise ValueError(f"A method named {name!r} is already registered.")
-        METHODS[name] = builder
-        return builder
-
-    return decorator
-
-
-def list_methods() -> list[str]:
-    return list(METHODS)
-
-
-def build_method(name: str, **kwargs: Any) -> SegmentationMethod:
-    """Build a registered method; unknown names get a message listing the known ones."""
-    if name not in METHODS:
-        raise UnknownMethodError(f"Unknown method {name!r}; available: {', '.join(METHODS)}.")
-    method = METHODS[name](**kwargs)
-    return method.eval()

@@ -1,7 +1,9 @@
-"""Building a method from a backbone name or object, with trained weights or the shipped head.
+"""The registry of methods, and building one from a backbone name or object with trained weights
+or the shipped head.
 
-Every registered builder (``build_dpseg``, ``build_ldvc``, ...) is :func:`build_with_weights`
-plus its method's own arguments, so the rules below hold for all of them:
+:data:`METHODS` maps a method's name to its builder, as segment-anything's ``sam_model_registry``
+does; ``ovseg.load(name, ...)`` calls it. Every builder is :func:`build_with_weights` (most are
+made by :func:`method_builder`), so the rules below hold for all of them:
 
 - ``backbone`` is a loaded :class:`ClipBackbone` (shared with the caller) or a name or alias for
   :func:`ovseg.backbones.load_backbone` (default: the config's ``backbone``).
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from ovseg.backbones import ClipBackbone, WeightsError, load_backbone
+from ovseg.errors import UnknownMethodError
 from ovseg.methods.base import MethodConfig, SegmentationMethod
 from ovseg.methods.weights import (
     load_head_weights,
@@ -36,6 +39,71 @@ from ovseg.methods.weights import (
 Method = TypeVar("Method", bound=SegmentationMethod)
 # (settings, CLIP, whether head weights will be loaded) → the method, built on that CLIP.
 MethodFactory = Callable[[MethodConfig, ClipBackbone, bool], Method]
+# fn(*, backbone=None, weights=None, device=None, **config) → a method.
+MethodBuilder = Callable[..., SegmentationMethod]
+METHODS: dict[str, MethodBuilder] = {}
+
+
+def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register a builder: ``fn(*, backbone=None, weights=None, device=None, **config)``."""
+
+    def decorator(builder: MethodBuilder) -> MethodBuilder:
+        if name in METHODS:
+            raise ValueError(f"A method named {name!r} is already registered.")
+        METHODS[name] = builder
+        return builder
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def build_method(name: str, **kwargs: Any) -> SegmentationMethod:
+    """Build a registered method; unknown names get a message listing the known ones."""
+    if name not in METHODS:
+        raise UnknownMethodError(f"Unknown method {name!r}; available: {', '.join(METHODS)}.")
+    method = METHODS[name](**kwargs)
+    return method.eval()
+
+
+def method_builder(
+    method_class: type[Method],
+    *,
+    shipped: str | None = None,
+    factory: MethodFactory | None = None,
+) -> Callable[..., Method]:
+    """The builder of a method that takes nothing beyond the common arguments and its config:
+    ``build(*, backbone=None, weights=None, device=None, **config)``, which is
+    :func:`build_with_weights` with ``shipped`` and ``factory`` (see there)."""
+
+    def build(
+        *,
+        backbone: str | ClipBackbone | None = None,
+        weights: str | None = None,
+        device: str | torch.device | None = None,
+        **config: Any,
+    ) -> Method:
+        return build_with_weights(
+            method_class,
+            backbone=backbone,
+            weights=weights,
+            device=device,
+            config=config,
+            shipped=shipped,
+            factory=factory,
+        )
+
+    default = (
+        f"the shipped assets/{shipped} on the toy CLIP it was trained on" if shipped else "none"
+    )
+    build.__doc__ = (
+        f"Build {method_class.__name__} (:mod:`ovseg.methods.builder`): ``backbone`` a loaded "
+        f"CLIP or a name to load, ``weights`` a file from ``save_weights`` (None: {default}), "
+        f"``config`` any :class:`{method_class.config_class.__name__}` field."
+    )
+    return build
 
 
 def build_with_weights(

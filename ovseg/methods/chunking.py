@@ -9,11 +9,11 @@ pass needs. The same chunks give the same bits either way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 # Classes per chunk when upsampling logits. CPU bilinear resizing rounds differently for different
 # numbers of maps, so every caller uses this chunk for results that agree to the bit.
@@ -43,19 +43,43 @@ def write_classes(
     return buffer
 
 
-def per_class(module: nn.Module, x: Tensor, chunk: int) -> Tensor:
-    """Apply a per-class ``N×C×s×s`` module to ``B×K×C×s×s``, ``chunk`` classes at a time."""
-    batch, classes = x.shape[:2]
-    slices = class_slices(classes, chunk)
+def join_classes(
+    parts: Iterable[tuple[slice, Tensor]],
+    size: int,
+    *,
+    dim: int = 1,
+    buffer: Tensor | None = None,
+) -> Tensor:
+    """Chunks ``(index, part)`` of an axis (``dim``, classes by default) of length ``size`` as one
+    tensor.
+
+    With autograd they are concatenated (the backward pass needs every chunk); without, each is
+    written into one buffer as it comes, so only one chunk's temporaries exist at a time. The
+    buffer is ``buffer`` when given, which may be the tensor the chunks are computed from: each
+    chunk is read before it is overwritten. The same chunks give the same bits either way.
+    """
     if torch.is_grad_enabled():
-        return torch.cat(
-            [module(x[:, i].flatten(0, 1)).unflatten(0, (batch, -1)) for i in slices], 1
-        )
-    output = None
-    for index in slices:
-        part = module(x[:, index].flatten(0, 1)).unflatten(0, (batch, -1))
-        output = write_classes(output, part, index, classes)
-    return output
+        return torch.cat([part for _, part in parts], dim=dim)
+    for index, part in parts:
+        buffer = write_classes(buffer, part, index, size, dim)
+    return buffer
+
+
+def each_class(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Apply a per-class ``N×C×s×s`` module to every class of ``B×K×C×s×s`` at once."""
+    return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+def per_class(module: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
+    """Apply a per-class ``N×C×s×s`` module to ``B×K×C×s×s``, ``chunk`` classes at a time."""
+    classes = x.shape[1]
+    slices = class_slices(classes, chunk)
+    return join_classes(((index, each_class(module, x[:, index])) for index in slices), classes)
+
+
+def classes_of(x: Tensor) -> ClassSource:
+    """Class slice → those classes of ``x`` (``B×K×...``)."""
+    return lambda index: x[:, index]
 
 
 def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings
+from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings, is_toy_clip
+from ovseg.caching import LruCache
 from ovseg.errors import OptionError
 from ovseg.methods.attention import CrossAttentionBlock, SelfAttentionBlock, SwinBlock
 from ovseg.methods.base import (
@@ -58,18 +59,12 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    register_method,
 )
 from ovseg.methods.blocks import CostEmbedding, DoubleConv, cosine_cost_volume
-from ovseg.methods.builder import build_with_weights
-from ovseg.methods.chunking import upsample_logits
+from ovseg.methods.builder import method_builder, register_method
+from ovseg.methods.chunking import class_slices, upsample_logits
 from ovseg.prompts.templates import resolve_templates
-from ovseg.vocabulary import (
-    class_synonyms,
-    coco_stuff_seen_mask,
-    coco_stuff_seen_names,
-    normalise_class_name,
-)
+from ovseg.vocabulary import class_synonyms, seen_class_mask
 
 NOT_SELECTED_LOGIT = -100.0  # classes DCS leaves out: probability ≈ 0, never the argmax
 SEGMENT_OPTIONS = ("theta", "tau", "tv_rank", "tag_validation", "seen_classes")
@@ -119,7 +114,8 @@ class DcpClipConfig(MethodConfig):
         tv_rank: k; a region is relabelled when its label ranks below k.
         tv_restrict_to_selected: only relabel to classes DCS selected.
         seen_classes: names of the classes the head was trained on (None: ToyWorld's seen
-            classes for a toy CLIP, COCO-Stuff-171 otherwise).
+            classes for a toy CLIP, COCO-Stuff-171 otherwise; see
+            :func:`~ovseg.vocabulary.seen_class_mask`).
 
     Other:
         temperature: divides the cosine scores into logits on the training-free path.
@@ -203,8 +199,9 @@ class DcpClipOutput(SegmentationOutput):
     Attributes:
         selected_logits: ``B×S×H×W`` logits of each image's selected classes, padded to the
             largest C_s of the batch (S).
-        selected_classes: ``B×S`` vocabulary index of each slot (padding repeats a valid index).
-        class_mask: ``B×S`` bool, False for padding slots.
+        selected_classes: ``B×S`` vocabulary indices of each image's selected classes, sorted,
+            then padding (which repeats a valid index).
+        class_mask: ``B×S`` bool, False for padding.
     """
 
     selected_logits: Tensor | None = None
@@ -217,7 +214,7 @@ class DcpClipOutput(SegmentationOutput):
 
 @dataclass
 class CategorySelection:
-    """Dynamic Category Selection for a batch (Eqs. 1–5), with everything the demo shows.
+    """Dynamic Category Selection for a batch (Eqs. 1–5): the scores, the sets and their union.
 
     Attributes:
         image_scores: ``B×C`` S_img, softmax over the vocabulary of τ·cos(F_cls, E_t).
@@ -262,11 +259,6 @@ class CategorySelection:
         return _count(self.patch_winners, self.image_scores.shape[1])
 
     @property
-    def raw_patch_votes(self) -> Tensor:
-        """``B×C`` number of patches voting for each class before suppression."""
-        return _count(self.raw_patch_winners, self.image_scores.shape[1])
-
-    @property
     def num_selected(self) -> Tensor:
         """``B`` C_s of each image."""
         return self.selected.sum(dim=1)
@@ -302,54 +294,6 @@ class CategorySelection:
             self, selected=keep, dropped=self.dropped | (self.selected & ~keep)
         )
 
-    def table(self, names: Sequence[str]) -> list[list[dict[str, Any]]]:
-        """One row per vocabulary class and image: scores, votes, selected or not, and why."""
-        votes, raw_votes = self.patch_votes.tolist(), self.raw_patch_votes.tolist()
-        best_patch = self.patch_scores.amax(dim=2).tolist()
-        image_scores = self.image_scores.tolist()
-        flags = {
-            key: getattr(self, key).tolist()
-            for key in ("from_image", "from_patch", "forced", "dropped", "selected")
-        }
-        tables = []
-        for image in range(self.selected.shape[0]):
-            rows = []
-            for index, name in enumerate(names):
-                flag = {key: bool(values[image][index]) for key, values in flags.items()}
-                rows.append(
-                    {
-                        "index": index,
-                        "name": name,
-                        "image_score": image_scores[image][index],
-                        "above_theta": flag["from_image"],
-                        "patch_votes": votes[image][index],
-                        "patch_votes_before_suppression": raw_votes[image][index],
-                        "max_patch_score": best_patch[image][index],
-                        "in_patch_set": flag["from_patch"],
-                        "forced": flag["forced"],
-                        "selected": flag["selected"],
-                        "reason": self._reason(flag),
-                    }
-                )
-            tables.append(rows)
-        return tables
-
-    def _reason(self, flag: dict[str, bool]) -> str:
-        if not self.enabled:
-            return "all classes (DCS off)"
-        reasons = [
-            text
-            for key, text in (
-                ("from_image", "image score > θ"),
-                ("from_patch", "patch votes"),
-                ("forced", "ground truth"),
-            )
-            if flag[key]
-        ]
-        if flag["dropped"]:
-            return f"dropped by max_selected ({' + '.join(reasons)})"
-        return " + ".join(reasons) if reasons else "not selected"
-
 
 def _count(winners: Tensor, num_classes: int) -> Tensor:
     counts = torch.zeros(winners.shape[0], num_classes, dtype=torch.long, device=winners.device)
@@ -374,7 +318,7 @@ def select_categories(
         class_embeddings: ``C×D`` E_t, one (template-averaged) embedding per vocabulary class.
         theta: θ of Eq. 4; a class enters C_image when S_img > θ (θ = 0: every class).
         tau: the softmax scale of S_img.
-        enabled: False selects every class (the scores are still computed for the demo).
+        enabled: False selects every class (the scores are still computed, to be shown).
 
     The scores are computed in float32 even under autocast: classes often score within bf16's
     resolution of each other, and a bf16 S_patch flipped a third of the patch winners of a
@@ -412,86 +356,6 @@ def select_categories(
         tau=float(tau),
         enabled=enabled,
     )
-
-
-# ------------------------------------------------------------------------------ Tag Validation
-
-
-@dataclass(frozen=True)
-class TagDecision:
-    """Tag Validation's verdict on one unseen-class region (Eq. 17).
-
-    Attributes:
-        region_class: the label the region was predicted as.
-        new_class: the best class of the mask-pooled re-scoring.
-        rank: 1-based rank of ``region_class`` in the re-scoring.
-        pixels: region size.
-        relabelled: whether the region was changed to ``new_class`` (rank > k).
-    """
-
-    region_class: int
-    new_class: int
-    rank: int
-    pixels: int
-    relabelled: bool
-
-
-@torch.no_grad()
-def tag_validation(
-    labels: Tensor,
-    dense: Tensor,
-    class_embeddings: Tensor,
-    *,
-    seen: Tensor,
-    rank_cutoff: int,
-    candidates: Tensor | None = None,
-) -> tuple[Tensor, list[TagDecision]]:
-    """Re-validate the label of every region predicted as an unseen class (Eq. 17).
-
-    A region is all pixels with one label. Its features are mask-average-pooled from ``dense``
-    and compared with every class; if the original label is not among the ``rank_cutoff`` most
-    similar classes, the region takes the most similar one. Seen classes are kept. All regions
-    are judged on the input label map, so the result does not depend on their order.
-
-    Arguments:
-        labels: ``H×W`` predicted class indices.
-        dense: ``D×h×w`` dense features (the region is area-pooled to this grid).
-        class_embeddings: ``C×D`` text embeddings of the full vocabulary.
-        seen: ``C`` bool, classes the head was trained on.
-        rank_cutoff: k.
-        candidates: ``C`` bool, the classes a region may be relabelled to (default: all).
-
-    Returns:
-        The new label map and one :class:`TagDecision` per unseen region.
-    """
-    present = labels.unique()
-    unseen = present[~seen[present]]
-    if unseen.numel() == 0:
-        return labels, []
-    masks = (labels[None] == unseen[:, None, None]).to(dense.dtype)  # U×H×W
-    weights = F.interpolate(masks[None], size=dense.shape[-2:], mode="area")[0]  # U×h×w
-    totals = weights.sum(dim=(1, 2))
-    pooled = torch.einsum("uhw,dhw->ud", weights, dense) / totals.clamp_min(1e-12)[:, None]
-    scores = F.normalize(pooled, dim=-1) @ F.normalize(class_embeddings, dim=-1).T  # U×C
-    if candidates is not None:
-        allowed = candidates[None].expand_as(scores).clone()
-        allowed[torch.arange(len(unseen)), unseen] = True
-        scores = scores.masked_fill(~allowed, -math.inf)
-    own = scores.gather(1, unseen[:, None])
-    ranks = 1 + (scores > own).sum(dim=1)
-    best = scores.argmax(dim=1)
-    pixels = masks.sum(dim=(1, 2))
-    new_labels = labels.clone()
-    decisions = []
-    for row, region_class in enumerate(unseen.tolist()):
-        if totals[row] <= 0:  # too small to reach the patch grid: keep the label
-            continue
-        new_class, rank = int(best[row]), int(ranks[row])
-        relabelled = rank > rank_cutoff and new_class != region_class  # Eq. 17
-        if relabelled:
-            new_labels[labels == region_class] = new_class
-        decisions.append(TagDecision(region_class, new_class, rank, int(pixels[row]), relabelled))
-    return new_labels, decisions
 
 
 # ----------------------------------------------------------------------- text-guided alignment
@@ -602,7 +466,7 @@ class TextGuidedAlignment(nn.Module):
             patches: ``B×N×D`` F_patch (raw projected tokens).
             cls_embedding: ``B×D`` F_cls.
             class_text: ``B×S×D`` E_SC.
-            class_mask: ``B×S`` bool, False for padding slots (masked out of the keys).
+            class_mask: ``B×S`` bool, False for padding (masked out of the keys).
             return_attention: also return the last layer's head-averaged weights.
 
         Returns:
@@ -804,12 +668,12 @@ class SpatialEnhancedDecoder(nn.Module):
         cost_map = cost_map.flatten(0, 1)
         for level in range(self.layers):
             if self.spatial_enhance:
-                steer = guidance.swin[level]
-                if steer is not None:  # one map per image, shared by its classes
-                    steer = steer.permute(0, 2, 3, 1)
+                swin_guidance = guidance.swin[level]
+                if swin_guidance is not None:  # one map per image, shared by its classes
+                    swin_guidance = swin_guidance.permute(0, 2, 3, 1)
                 tokens = x.permute(0, 2, 3, 1)
                 for block in self.swin_blocks[level]:  # Eqs. 13–14
-                    tokens = block(tokens, steer)
+                    tokens = block(tokens, swin_guidance)
                 x = tokens.permute(0, 3, 1, 2)
             x = self.upsamplers[level](x)  # Eq. 15
             parts = [x]
@@ -823,22 +687,123 @@ class SpatialEnhancedDecoder(nn.Module):
         return x.view(batch, classes, *x.shape[1:])
 
 
+# ------------------------------------------------------------------------------ Tag Validation
+
+
+@dataclass(frozen=True)
+class TagDecision:
+    """Tag Validation's verdict on one unseen-class region (Eq. 17).
+
+    Attributes:
+        region_class: the label the region was predicted as.
+        new_class: the best class of the mask-pooled re-scoring.
+        rank: 1-based rank of ``region_class`` in the re-scoring.
+        rank_cutoff: k.
+        pixels: region size.
+        relabelled: whether the region was changed to ``new_class`` (rank > k).
+    """
+
+    region_class: int
+    new_class: int
+    rank: int
+    rank_cutoff: int
+    pixels: int
+    relabelled: bool
+
+
+@torch.no_grad()
+def tag_validation(
+    labels: Tensor,
+    dense: Tensor,
+    class_embeddings: Tensor,
+    *,
+    seen: Tensor,
+    rank_cutoff: int,
+    candidates: Tensor | None = None,
+) -> tuple[Tensor, list[TagDecision]]:
+    """Re-validate the label of every region predicted as an unseen class (Eq. 17).
+
+    A region is all pixels with one label. Its features are mask-average-pooled from ``dense``
+    and compared with every class; if the original label is not among the ``rank_cutoff`` most
+    similar classes, the region takes the most similar one. Seen classes are kept. All regions
+    are judged on the input label map, so the result does not depend on their order.
+
+    Arguments:
+        labels: ``H×W`` predicted class indices.
+        dense: ``D×h×w`` dense features (the region is area-pooled to this grid).
+        class_embeddings: ``C×D`` text embeddings of the full vocabulary.
+        seen: ``C`` bool, classes the head was trained on.
+        rank_cutoff: k.
+        candidates: ``C`` bool, the classes a region may be relabelled to (default: all).
+
+    Returns:
+        The new label map and one :class:`TagDecision` per unseen region.
+    """
+    present = labels.unique()
+    unseen = present[~seen[present]]
+    if unseen.numel() == 0:
+        return labels, []
+    masks = (labels[None] == unseen[:, None, None]).to(dense.dtype)  # U×H×W
+    weights = F.interpolate(masks[None], size=dense.shape[-2:], mode="area")[0]  # U×h×w
+    totals = weights.sum(dim=(1, 2))
+    pooled = torch.einsum("uhw,dhw->ud", weights, dense) / totals.clamp_min(1e-12)[:, None]
+    scores = F.normalize(pooled, dim=-1) @ F.normalize(class_embeddings, dim=-1).T  # U×C
+    if candidates is not None:
+        allowed = candidates[None].expand_as(scores).clone()
+        allowed[torch.arange(len(unseen)), unseen] = True
+        scores = scores.masked_fill(~allowed, -math.inf)
+    own = scores.gather(1, unseen[:, None])
+    ranks = 1 + (scores > own).sum(dim=1)
+    best = scores.argmax(dim=1)
+    pixels = masks.sum(dim=(1, 2))
+    new_labels = labels.clone()
+    decisions = []
+    for row, region_class in enumerate(unseen.tolist()):
+        if totals[row] <= 0:  # too small to reach the patch grid: keep the label
+            continue
+        new_class, rank = int(best[row]), int(ranks[row])
+        relabelled = rank > rank_cutoff and new_class != region_class  # Eq. 17
+        if relabelled:
+            new_labels[labels == region_class] = new_class
+        decisions.append(
+            TagDecision(
+                region_class=region_class,
+                new_class=new_class,
+                rank=rank,
+                rank_cutoff=rank_cutoff,
+                pixels=int(pixels[row]),
+                relabelled=relabelled,
+            )
+        )
+    return new_labels, decisions
+
+
 # ------------------------------------------------------------------------------------- model
 
 
 @dataclass(frozen=True)
-class _SegmentSettings:
-    theta: float
-    tau: float
-    tv_rank: int
+class _SegmentOptions:
+    """The options of one :meth:`DcpClip.segment` call, resolved against the config."""
+
+    theta: float  # θ of Eq. 4
+    tau: float  # the softmax scale of S_img (Eq. 1)
+    tv_rank: int  # k of Eq. 17
     tag_validation: bool
-    seen_classes: tuple[str, ...] | None
+    seen_classes: tuple[str, ...] | None  # None: the default of seen_class_mask
+
+
+@dataclass
+class _EncodedVocabulary:
+    """E_C of the whole vocabulary, and the training call it was encoded at."""
+
+    encoded_at_call: int
+    text: TextEmbeddings
 
 
 def _default_guidance_layers(depth: int, count: int) -> tuple[int, ...]:
     """0-based blocks at (i+1)/(n+1) of the depth, n = max(2, count): 12 → (3, 7), 6 → (1, 3)."""
-    slots = max(2, count)
-    return tuple(round(depth * (i + 1) / (slots + 1)) - 1 for i in range(count))
+    parts = max(2, count)
+    return tuple(round(depth * (i + 1) / (parts + 1)) - 1 for i in range(count))
 
 
 class DcpClip(SegmentationMethod):
@@ -924,63 +889,19 @@ class DcpClip(SegmentationMethod):
         )
         head_width = self.decoder.out_channels if self.decoder else config.cost_dim
         self.head = nn.Conv2d(head_width, 1, 3, padding=1)
-        self._selection_text_cache: dict[tuple, tuple[int, TextEmbeddings]] = {}
-        self._training_calls = 0
-        self._default_seen: tuple[str, ...] | None = None
+        # In training, DCS reads a whole-vocabulary encoding that is refreshed only every
+        # dcs_text_refresh_iters calls (spec §3.4); the last vocabulary's is cached.
+        self._dcs_text: LruCache[_EncodedVocabulary] = LruCache(max_entries=1)
+        self._training_calls = 0  # segment calls that encoded text with a training text tower
 
-    # ----------------------------------------------------------------------------- training
-    @property
-    def clip_finetuning_scope(self) -> str:
-        """CAT-Seg's "attention" scope: Q/V projections of every block of both towers and the
-        position embeddings train (at the CLIP learning rate); K and everything else stay
-        frozen, and all of CLIP does with ``finetune_clip=False``."""
-        return "attention" if self.config.finetune_clip else "none"
-
-    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
-        """AdamW groups of the paper: new layers at ``base_lr`` (2e-4), CLIP at
-        ``base_lr · clip_lr_multiplier`` (2e-6), weight decay ``config.weight_decay`` (1e-4)."""
-        self.set_clip_finetuning_scope()
-        clip_lr = base_lr * self.config.clip_lr_multiplier
-        head, clip = [], []
-        for name, parameter in self.named_parameters():
-            if parameter.requires_grad:
-                (clip if name.startswith("backbone.") else head).append(parameter)
-        decay = self.config.weight_decay
-        groups = [
-            {"name": "dcp-clip", "params": head, "lr": base_lr, "weight_decay": decay},
-            {"name": "clip", "params": clip, "lr": clip_lr, "weight_decay": decay},
-        ]
-        return [group for group in groups if group["params"]]
-
-    def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
-        """Per-pixel binary cross-entropy on the selected channels of the fine output.
-
-        Averaged over labelled pixels × selected classes per image, then over the batch;
-        ``IGNORE_INDEX`` pixels and padding slots do not count.
-        """
-        if not isinstance(output, DcpClipOutput) or output.selected_logits is None:
-            raise ValueError("DCP-CLIP's loss needs the DcpClipOutput that its segment returns.")
-        logits = output.selected_logits
-        if tuple(logits.shape[-2:]) != tuple(target.shape[-2:]):
-            logits = upsample_logits(logits, target.shape[-2:])
-        target = target.long()
-        positives = target[:, None] == output.selected_classes[..., None, None]  # B×S×H×W
-        weights = (target != IGNORE_INDEX)[:, None] & output.class_mask[..., None, None]
-        weights = weights.to(logits.dtype)
-        losses = F.binary_cross_entropy_with_logits(
-            logits, positives.to(logits.dtype), reduction="none"
-        )
-        per_image = (losses * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp_min(1)
-        return {"loss_bce": per_image.mean()}
-
-    # ------------------------------------------------------------------------------ images
     def _uses_head(self) -> bool:
         return self.trained_head or self.training
 
     def clear_caches(self) -> None:
         super().clear_caches()
-        self._selection_text_cache.clear()
+        self._dcs_text.clear()
 
+    # ------------------------------------------------------------------------------ images
     def encode_image(self, images: Tensor) -> DenseFeatures:
         """``B×3×H×W`` images in [0, 1] → CLIP features.
 
@@ -999,54 +920,62 @@ class DcpClip(SegmentationMethod):
 
     # -------------------------------------------------------------------------------- text
     def _text_tower_trains(self) -> bool:
-        return any(
-            parameter.requires_grad
-            for name, parameter in self.backbone.model.named_parameters()
-            if not name.startswith("visual.")
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and any(
+                parameter.requires_grad
+                for name, parameter in self.backbone.model.named_parameters()
+                if not name.startswith("visual.")
+            )
         )
 
     def _vocabulary_text(self, classes: tuple[tuple[str, ...], ...]) -> TextEmbeddings:
-        """Text embeddings of the whole vocabulary for DCS and TV, without gradient.
+        """E_C of the whole vocabulary for DCS and TV, in float32 and without gradient.
 
-        In training the text tower changes every step, so a fresh encoding of the whole
-        vocabulary is made only every ``dcs_text_refresh_iters`` calls (spec §3.4). The encoding
-        runs in float32 even under autocast, like DCS's scores (see :func:`select_categories`).
+        While the text tower trains it changes every step, so the whole vocabulary is encoded
+        again only every ``dcs_text_refresh_iters`` calls (spec §3.4).
         """
-        if not (self.training and torch.is_grad_enabled() and self._text_tower_trains()):
-            return self._encode_vocabulary(classes)
-        key = (classes, resolve_templates(self.config.templates))
+        if not self._text_tower_trains():
+            return self._encode_vocabulary_fp32(classes)
         call = self._training_calls
         self._training_calls += 1
-        cached = self._selection_text_cache.get(key)
-        if cached is None or call - cached[0] >= self.config.dcs_text_refresh_iters:
-            cached = (call, self._encode_vocabulary(classes))
-            self._selection_text_cache = {key: cached}
-        return cached[1]
+        key = (classes, resolve_templates(self.config.templates))
+        cached = self._dcs_text.get(key)
+        if cached is None or call - cached.encoded_at_call >= self.config.dcs_text_refresh_iters:
+            cached = self._dcs_text.put(
+                key, _EncodedVocabulary(call, self._encode_vocabulary_fp32(classes))
+            )
+        return cached.text
 
-    def _encode_vocabulary(self, classes: tuple[tuple[str, ...], ...]) -> TextEmbeddings:
+    def _encode_vocabulary_fp32(self, classes: tuple[tuple[str, ...], ...]) -> TextEmbeddings:
+        """E_C in float32 even under autocast, like DCS's scores (see :func:`select_categories`)."""
         device_type = self.head.weight.device.type
         with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
             return self.backbone.encode_text(classes, self.config.templates)
 
     def _selected_text(
-        self, classes: tuple[tuple[str, ...], ...], text: TextEmbeddings, slots: Tensor
+        self,
+        classes: tuple[tuple[str, ...], ...],
+        text: TextEmbeddings,
+        selected_classes: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """E_SC (``B×S×D``) and E_SC^P (``B×S×P×D``) of the selected classes.
+        """E_SC (``B×S×D``) and E_SC^P (``B×S×P×D``) of the ``B×S`` selected classes.
 
-        In training only the selected classes are re-encoded, with gradient into the text
-        tower's Q/V rows.
+        While the text tower trains only the selected classes are encoded again, with gradient
+        into its Q/V rows.
         """
-        if self.training and torch.is_grad_enabled() and self._text_tower_trains():
-            union = sorted(set(slots.flatten().tolist()))
-            fresh = self.backbone.encode_text([classes[i] for i in union], self.config.templates)
-            lookup = torch.zeros(len(classes), dtype=torch.long, device=slots.device)
-            lookup[union] = torch.arange(len(union), device=slots.device)
-            rows = lookup[slots]
-            return fresh.mean[rows], fresh.per_template[rows]
-        return text.mean[slots], text.per_template[slots]
+        if not self._text_tower_trains():
+            return text.mean[selected_classes], text.per_template[selected_classes]
+        union = sorted(set(selected_classes.flatten().tolist()))
+        fresh = self.backbone.encode_text([classes[i] for i in union], self.config.templates)
+        row_of_class = torch.zeros(len(classes), dtype=torch.long, device=selected_classes.device)
+        row_of_class[union] = torch.arange(len(union), device=selected_classes.device)
+        rows = row_of_class[selected_classes]
+        return fresh.mean[rows], fresh.per_template[rows]
 
     # ----------------------------------------------------------------------------- segment
-    def _settings(self, options: dict[str, Any]) -> _SegmentSettings:
+    def _options(self, options: dict[str, Any]) -> _SegmentOptions:
         unknown = set(options) - set(SEGMENT_OPTIONS)
         if unknown:
             raise ValueError(
@@ -1058,7 +987,7 @@ class DcpClip(SegmentationMethod):
         tv_rank = options.get("tv_rank", self.config.tv_rank)
         _check_rank(tv_rank)
         seen = options.get("seen_classes", self.config.seen_classes)
-        return _SegmentSettings(
+        return _SegmentOptions(
             theta=theta,
             tau=float(self.backbone.logit_scale.detach()) if tau is None else float(tau),
             tv_rank=int(tv_rank),
@@ -1080,27 +1009,26 @@ class DcpClip(SegmentationMethod):
         Arguments:
             image_features: from :meth:`encode_image`.
             vocabulary: class names or synonym tuples.
-            return_intermediates: also return the selection table, coarse/fine predictions and
-                TV changes (see the keys below).
+            return_intermediates: also return the selection, coarse/fine predictions and TV's
+                decisions (see the keys below).
             target: ``B×H×W`` ground truth. In training its classes are forced into the
                 selection when ``train_force_gt_classes``; in eval it changes nothing, so an
                 evaluation that passes labels sees exactly what inference does.
             options: ``theta``, ``tau`` (DCS), ``tv_rank``, ``tag_validation``, ``seen_classes``
                 (TV); they override the config for this call, without re-encoding the image.
 
-        Intermediates: ``selection`` (:class:`CategorySelection`), ``selection_table`` (per image,
-        one dict per class), ``selected_classes``, ``num_selected``, ``patch_winners_raw`` and
+        Intermediates: ``selection`` (:class:`CategorySelection`), ``selected_classes`` (per
+        image, the sorted vocabulary indices), ``num_selected``, ``patch_winners_raw`` and
         ``patch_winners`` (``B×h×w``, before/after suppression), ``coarse_cost_map``
-        (``B×S×h×w``) and ``coarse_labels`` (``B×h×w``), ``fine_labels`` and ``labels``
-        (``B×H×W``, before/after TV), ``tag_validation`` (per image, one dict per unseen region);
-        with the head also ``cost_features`` (F_cv), ``refined_cost_features`` (F_cv^ref),
-        ``textual_guidance`` (T_g), ``refined_patch_features`` (F_patch^ref),
-        ``cross_attention`` (``B×N×S``) and ``fine_features`` (F_last); training-free also
-        ``cost_volume``.
+        (``B×S×h×w``, the selected classes in ``selected_classes`` order, then padding),
+        ``fine_labels`` and ``labels`` (``B×H×W``, before/after TV), ``tag_validation`` (per
+        image, one :class:`TagDecision` per unseen region); with the head also
+        ``cost_features`` (F_cv), ``refined_cost_features`` (F_cv^ref), ``textual_guidance``
+        (T_g), ``refined_patch_features`` (F_patch^ref), ``cross_attention`` (``B×N×S``) and
+        ``fine_features`` (F_last); training-free also ``cost_volume``.
         """
-        settings = self._settings(options)
+        settings = self._options(options)
         classes = class_synonyms(vocabulary)
-        names = [synonyms[0] for synonyms in classes]
         text = self._vocabulary_text(classes)
         features = image_features
         selection = select_categories(
@@ -1110,49 +1038,54 @@ class DcpClip(SegmentationMethod):
             theta=settings.theta,
             tau=settings.tau,
             enabled=self.config.use_dcs,
-        )
+        )  # Eqs. 1–5
         if self.training and target is not None and self.config.train_force_gt_classes:
             selection = selection.with_forced(_target_classes(target, len(classes)))
         if self.config.max_selected is not None:
             selection = selection.capped(self.config.max_selected)
-        slots, class_mask = _pad_selection(selection)
+        selected_classes, class_mask = _pad_selection(selection)
         intermediates: dict[str, Any] | None = {} if return_intermediates else None
 
         if self._uses_head():
             selected_logits, coarse_cost_map = self._run_head(
-                features, classes, text, slots, class_mask, intermediates
+                features, classes, text, selected_classes, class_mask, intermediates
             )
         else:
-            class_text = text.mean[slots]
+            class_text = text.mean[selected_classes]
             coarse_cost_map = cosine_cost_volume(features.dense, class_text, per_image=True)
             selected_logits = upsample_logits(
                 coarse_cost_map / self.config.temperature, features.input_size
             )
             if intermediates is not None:
                 intermediates["cost_volume"] = coarse_cost_map
-        logits = _scatter(selected_logits, slots, class_mask, len(classes))
+        logits = _scatter(selected_logits, selected_classes, class_mask, len(classes))
 
         decisions: list[list[TagDecision]] = [[] for _ in range(logits.shape[0])]
         run_tag_validation = settings.tag_validation and self._uses_head() and not self.training
         if run_tag_validation or intermediates is not None:
             fine_labels = logits.argmax(dim=1)
-        if run_tag_validation:
+        if run_tag_validation:  # Eq. 17
             logits, decisions = self._tag_validation(
                 logits, fine_labels, features.dense, text.mean, classes, selection, settings
             )
         if intermediates is not None:
+            batch, grid = logits.shape[0], selection.grid
             intermediates.update(
-                self._describe(
-                    selection, names, slots, class_mask, coarse_cost_map, decisions, settings
-                )
+                selection=selection,
+                selected_classes=selection.indices(),
+                num_selected=selection.num_selected.tolist(),
+                patch_winners_raw=selection.raw_patch_winners.view(batch, *grid),
+                patch_winners=selection.patch_winners.view(batch, *grid),
+                coarse_cost_map=coarse_cost_map,
+                fine_labels=fine_labels,
+                labels=logits.argmax(dim=1),
+                tag_validation=decisions,
             )
-            intermediates["fine_labels"] = fine_labels
-            intermediates["labels"] = logits.argmax(dim=1)
         return DcpClipOutput(
             logits=logits,
             intermediates=intermediates or {},
             selected_logits=selected_logits,
-            selected_classes=slots,
+            selected_classes=selected_classes,
             class_mask=class_mask,
         )
 
@@ -1178,19 +1111,19 @@ class DcpClip(SegmentationMethod):
         features: DenseFeatures,
         classes: tuple[tuple[str, ...], ...],
         text: TextEmbeddings,
-        slots: Tensor,
+        selected_classes: Tensor,
         class_mask: Tensor,
         intermediates: dict[str, Any] | None,
     ) -> tuple[Tensor, Tensor]:
-        """The trained path for the selected classes only.
+        """The trained path for the ``B×S`` selected classes only.
 
         Returns ``B×S×H×W`` logits at the input size and the ``B×S×h×w`` initial cost map.
         """
         self._check_features(features)
         dense = features.dense
-        batch, slot_count = slots.shape
+        batch, num_columns = selected_classes.shape
         height, width = dense.shape[-2:]
-        class_text, class_templates = self._selected_text(classes, text, slots)
+        class_text, class_templates = self._selected_text(classes, text, selected_classes)
         cost = cosine_cost_volume(dense, class_templates, per_image=True)  # Eq. 6: B×S×P×h×w
         cost_map = cost.mean(dim=2)  # the initial cost map, "F_sim"
         patches = dense.flatten(2).transpose(1, 2)  # F_patch, B×N×D
@@ -1210,66 +1143,33 @@ class DcpClip(SegmentationMethod):
                 [features.intermediates[f"layer{i}"] for i in self.feature_layers],
                 features.attention,
             )
-        outputs, kept = [], {"cost_features": [], "refined_cost_features": [], "fine": []}
-        for start in range(0, slot_count, self.config.class_chunk_size):
-            chunk = slice(start, start + self.config.class_chunk_size)
+        outputs = []
+        chunk_features: dict[str, list[Tensor]] = {
+            "cost_features": [],
+            "refined_cost_features": [],
+            "fine_features": [],
+        }
+        for chunk in class_slices(num_columns, self.config.class_chunk_size):
             cost_features = self.cost_embedding(cost[:, chunk])  # Eq. 6: B×s×D_c×h×w
-            tokens = cost_features.flatten(3).transpose(2, 3)  # B×s×N×D_c
+            tokens = cost_features.flatten(3).transpose(2, 3)  # F_cv, B×s×N×D_c
             refined = tokens if self.alignment is None else self.alignment.fuse(tokens, patches)
             fine = refined.transpose(2, 3).reshape(*refined.shape[:2], -1, height, width)
-            if self.decoder is not None:
+            if self.decoder is not None:  # Eqs. 13–16
                 fine = self.decoder(fine, cost_map[:, chunk, None], decoder_guidance)
             chunk_logits = self.head(fine.flatten(0, 1)).view(batch, -1, *fine.shape[-2:])
             outputs.append(upsample_logits(chunk_logits, features.input_size))
             if intermediates is not None:
-                kept["cost_features"].append(tokens)
-                kept["refined_cost_features"].append(refined)
-                kept["fine"].append(fine)
+                chunk_features["cost_features"].append(tokens)
+                chunk_features["refined_cost_features"].append(refined)
+                chunk_features["fine_features"].append(fine)
         if intermediates is not None:
-            intermediates["cost_features"] = torch.cat(kept["cost_features"], dim=1)
-            intermediates["refined_cost_features"] = torch.cat(kept["refined_cost_features"], dim=1)
-            intermediates["fine_features"] = torch.cat(kept["fine"], dim=1)
+            for key, parts in chunk_features.items():
+                intermediates[key] = torch.cat(parts, dim=1)
             intermediates["refined_patch_features"] = patches
             if guidance_tokens is not None:
                 intermediates["textual_guidance"] = guidance_tokens
                 intermediates["cross_attention"] = attention
         return torch.cat(outputs, dim=1), cost_map
-
-    def _seen_mask(
-        self, classes: tuple[tuple[str, ...], ...], seen_names: tuple[str, ...] | None, device
-    ) -> Tensor:
-        """Which classes the head was trained on: ``seen_names`` matched by any synonym; by
-        default, for a real CLIP on a bundled benchmark's vocabulary, that benchmark's reviewed
-        overlap with COCO-Stuff, class by class; else :meth:`_default_seen_names`."""
-        if seen_names is None:
-            benchmark = None if self._toy_clip else coco_stuff_seen_mask(classes)
-            if benchmark is not None:
-                return torch.tensor(benchmark, dtype=torch.bool, device=device)
-            seen_names = self._default_seen_names()
-        seen = {normalise_class_name(name) for name in seen_names}
-        flags = [any(normalise_class_name(s) in seen for s in synonyms) for synonyms in classes]
-        return torch.tensor(flags, dtype=torch.bool, device=device)
-
-    @property
-    def _toy_clip(self) -> bool:
-        return "toy" in self.backbone.name
-
-    def _default_seen_names(self) -> tuple[str, ...]:
-        """ToyWorld's seen classes for a toy CLIP, else every spelling of every bundled
-        benchmark class that COCO-Stuff-171 (the papers' training set) covers, from the reviewed
-        overlap table (``ovseg/data/vocabularies/coco-stuff-overlap.json``): ADE's ``wall`` is
-        COCO's ``wall-other``, VOC's ``aeroplane`` its ``airplane``."""
-        if self._default_seen is None:
-            if self._toy_clip:
-                from ovseg.data.toyworld import ToyWorld
-
-                world = ToyWorld(image_size=32)
-                self._default_seen = tuple(
-                    name for c in world.classes if c.seen for name in (c.name, *c.synonyms)
-                )
-            else:
-                self._default_seen = tuple(sorted(coco_stuff_seen_names()))
-        return self._default_seen
 
     def _tag_validation(
         self,
@@ -1279,14 +1179,17 @@ class DcpClip(SegmentationMethod):
         class_embeddings: Tensor,
         classes: tuple[tuple[str, ...], ...],
         selection: CategorySelection,
-        settings: _SegmentSettings,
+        settings: _SegmentOptions,
     ) -> tuple[Tensor, list[list[TagDecision]]]:
         """Run TV per image and move each relabelled region's winning logit to its new class.
 
         Swapping the two channels inside the region keeps every logit value, so the argmax
         there becomes the new class. TV is not differentiable: the result is detached.
         """
-        seen = self._seen_mask(classes, settings.seen_classes, logits.device)
+        seen = seen_class_mask(
+            classes, toy=is_toy_clip(self.backbone), seen_names=settings.seen_classes
+        )
+        seen = torch.tensor(seen, dtype=torch.bool, device=logits.device)
         decisions = []
         updated = None
         for image in range(logits.shape[0]):
@@ -1312,50 +1215,51 @@ class DcpClip(SegmentationMethod):
                 updated[image, decision.new_class] = torch.where(region, old, new)
         return (logits if updated is None else updated), decisions
 
-    def _describe(
-        self,
-        selection: CategorySelection,
-        names: list[str],
-        slots: Tensor,
-        class_mask: Tensor,
-        coarse_cost_map: Tensor,
-        decisions: list[list[TagDecision]],
-        settings: _SegmentSettings,
-    ) -> dict[str, Any]:
-        """The demo's view of a call: selection table, vote maps, coarse labels, TV changes."""
-        batch = slots.shape[0]
-        grid = selection.grid
-        masked = coarse_cost_map.masked_fill(~class_mask[..., None, None], -math.inf)
-        coarse_slots = masked.argmax(dim=1)  # B×h×w
-        coarse_labels = slots.gather(1, coarse_slots.flatten(1)).view_as(coarse_slots)
-        changes = [
-            [
-                {
-                    "image": image,
-                    "from": d.region_class,
-                    "to": d.new_class,
-                    "from_name": names[d.region_class],
-                    "to_name": names[d.new_class],
-                    "rank": d.rank,
-                    "k": settings.tv_rank,
-                    "pixels": d.pixels,
-                    "relabelled": d.relabelled,
-                }
-                for d in image_decisions
-            ]
-            for image, image_decisions in enumerate(decisions)
+    # -------------------------------------------------------------------------------- loss
+    def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
+        """Per-pixel binary cross-entropy on the selected channels of the fine output.
+
+        Averaged over labelled pixels × selected classes per image, then over the batch;
+        ``IGNORE_INDEX`` pixels and padding columns do not count.
+        """
+        if not isinstance(output, DcpClipOutput) or output.selected_logits is None:
+            raise ValueError("DCP-CLIP's loss needs the DcpClipOutput that its segment returns.")
+        logits = output.selected_logits
+        if tuple(logits.shape[-2:]) != tuple(target.shape[-2:]):
+            logits = upsample_logits(logits, target.shape[-2:])
+        target = target.long()
+        positives = target[:, None] == output.selected_classes[..., None, None]  # B×S×H×W
+        weights = (target != IGNORE_INDEX)[:, None] & output.class_mask[..., None, None]
+        weights = weights.to(logits.dtype)
+        losses = F.binary_cross_entropy_with_logits(
+            logits, positives.to(logits.dtype), reduction="none"
+        )
+        per_image = (losses * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp_min(1)
+        return {"loss_bce": per_image.mean()}
+
+    # ------------------------------------------------------------------------ optimisation
+    @property
+    def clip_finetuning_scope(self) -> str:
+        """CAT-Seg's "attention" scope: Q/V projections of every block of both towers and the
+        position embeddings train (at the CLIP learning rate); K and everything else stay
+        frozen, and all of CLIP does with ``finetune_clip=False``."""
+        return "attention" if self.config.finetune_clip else "none"
+
+    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """AdamW groups of the paper: new layers at ``base_lr`` (2e-4), CLIP at
+        ``base_lr · clip_lr_multiplier`` (2e-6), weight decay ``config.weight_decay`` (1e-4)."""
+        self.set_clip_finetuning_scope()
+        clip_lr = base_lr * self.config.clip_lr_multiplier
+        head, clip = [], []
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                (clip if name.startswith("backbone.") else head).append(parameter)
+        decay = self.config.weight_decay
+        groups = [
+            {"name": "dcp-clip", "params": head, "lr": base_lr, "weight_decay": decay},
+            {"name": "clip", "params": clip, "lr": clip_lr, "weight_decay": decay},
         ]
-        return {
-            "selection": selection,
-            "selection_table": selection.table(names),
-            "selected_classes": selection.indices(),
-            "num_selected": selection.num_selected.tolist(),
-            "patch_winners_raw": selection.raw_patch_winners.view(batch, *grid),
-            "patch_winners": selection.patch_winners.view(batch, *grid),
-            "coarse_cost_map": coarse_cost_map,
-            "coarse_labels": coarse_labels,
-            "tag_validation": changes,
-        }
+        return [group for group in groups if group["params"]]
 
 
 def _target_classes(target: Tensor, num_classes: int) -> Tensor:
@@ -1369,29 +1273,29 @@ def _target_classes(target: Tensor, num_classes: int) -> Tensor:
 
 
 def _pad_selection(selection: CategorySelection) -> tuple[Tensor, Tensor]:
-    """Per-image selected indices padded to the batch's largest C_s.
+    """Each image's selected class indices, as one tensor padded to the batch's largest C_s.
 
-    Returns ``B×S`` indices (padding repeats the image's first class, so every slot is a valid
-    class) and the ``B×S`` mask of real slots.
+    Returns the ``B×S`` selected classes (sorted; padding at the end repeats the image's first
+    class, so every entry is a valid class) and the ``B×S`` mask of real entries.
     """
     indices = selection.indices()
     width = max(len(row) for row in indices)
     device = selection.selected.device
-    slots = torch.tensor(
+    selected_classes = torch.tensor(
         [row + [row[0]] * (width - len(row)) for row in indices], dtype=torch.long, device=device
     )
     mask = torch.tensor(
         [[True] * len(row) + [False] * (width - len(row)) for row in indices], device=device
     )
-    return slots, mask
+    return selected_classes, mask
 
 
 def _scatter(
-    selected_logits: Tensor, slots: Tensor, class_mask: Tensor, num_classes: int
+    selected_logits: Tensor, selected_classes: Tensor, class_mask: Tensor, num_classes: int
 ) -> Tensor:
     """``B×S×H×W`` selected logits → ``B×C×H×W``, :data:`NOT_SELECTED_LOGIT` elsewhere."""
     images = []
-    for logits, indices, mask in zip(selected_logits, slots, class_mask, strict=True):
+    for logits, indices, mask in zip(selected_logits, selected_classes, class_mask, strict=True):
         full = logits.new_full((num_classes, *logits.shape[1:]), NOT_SELECTED_LOGIT)
         images.append(full.index_copy(0, indices[mask], logits[mask]))
     return torch.stack(images)
@@ -1400,31 +1304,4 @@ def _scatter(
 # ----------------------------------------------------------------------------------- builder
 
 
-@register_method("dcp-clip")
-def build_dcp_clip(
-    *,
-    backbone: str | ClipBackbone | None = None,
-    weights: str | None = None,
-    device: str | torch.device | None = None,
-    **config: Any,
-) -> DcpClip:
-    """Build DCP-CLIP (the rules every builder follows: :mod:`ovseg.methods.builder`).
-
-    Arguments:
-        backbone: a loaded ViT :class:`ClipBackbone`, or a name or alias to load (default
-            ``config.backbone``, the ToyWorld ViT CLIP).
-        weights: a file written by :func:`~ovseg.methods.weights.save_weights`; None: the shipped
-            ``assets/dcp-clip-toy.safetensors`` when the CLIP is the toy ViT it was trained on.
-        device: where to build it.
-        config: any :class:`DcpClipConfig` field.
-
-    Without a trained head DCP-CLIP runs training-free.
-    """
-    return build_with_weights(
-        DcpClip,
-        backbone=backbone,
-        weights=weights,
-        device=device,
-        config=config,
-        shipped=SHIPPED_WEIGHTS,
-    )
+build_dcp_clip = register_method("dcp-clip")(method_builder(DcpClip, shipped=SHIPPED_WEIGHTS))

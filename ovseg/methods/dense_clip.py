@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ovseg.backbones import ClipBackbone, DenseFeatures
@@ -21,10 +20,9 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    register_method,
 )
 from ovseg.methods.blocks import cosine_cost_volume
-from ovseg.methods.builder import build_with_weights
+from ovseg.methods.builder import method_builder, register_method
 from ovseg.methods.chunking import upsample_logits
 
 
@@ -106,25 +104,4 @@ class DenseClip(SegmentationMethod):
         return SegmentationOutput(logits=logits, intermediates=intermediates)
 
 
-@register_method("dense-clip")
-def build_dense_clip(
-    *,
-    backbone: str | ClipBackbone | None = None,
-    weights: str | None = None,
-    device: str | torch.device | None = None,
-    **config: Any,
-) -> DenseClip:
-    """Build the dense-CLIP baseline.
-
-    Arguments:
-        backbone: a loaded :class:`ClipBackbone`, or a name/alias for :func:`load_backbone`
-            (default ``config.backbone``, the ToyWorld ViT CLIP); its weights come from
-            ``config.pretrained`` (a tag such as ``"openai"`` or a checkpoint path).
-        weights: weights saved by :func:`~ovseg.methods.weights.save_weights` after fine-tuning
-            (optional; the baseline is training-free). See :mod:`ovseg.methods.builder`.
-        device: where to build it.
-        config: any :class:`DenseClipConfig` field.
-    """
-    return build_with_weights(
-        DenseClip, backbone=backbone, weights=weights, device=device, config=config
-    )
+build_dense_clip = register_method("dense-clip")(method_builder(DenseClip))

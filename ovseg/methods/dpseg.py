@@ -1,16 +1,17 @@
 """DPSeg: dual-prompt cost volume learning for open-vocabulary segmentation (CVPR 2025).
 
 DPSeg extends SED. Every class gets, per text template, a text embedding T and the CLIP image
-embedding V of a generated picture of that template (a *visual prompt*). The file follows the
-paper's §4:
+embedding V of a generated picture of that template (a *visual prompt*, drawn and cached by
+:mod:`ovseg.prompts.visual`). The file follows the paper's §4:
 
 - §4.1 dual-prompt cost volume: ``R = (V̂ + T̂) / 2`` and ``F_c = cos(E, R)`` (Eq. 1) between the
   1/32-scale image embedding E and R, then a per-slice cost embedding.
 - §4.2 cost volume-guided decoder (CVGD): three stages of hybrid dilated convolution, class
   attention, deconvolution, detached encoder guidance E_4, E_3, E_2 and the intra-modal visual
   cost volumes ``F_v^j = cos(Pool(V_j), E_j)`` (Eq. 2), computed folded into the prototypes so
-  that K = 171 at 1/4 scale fits in memory. Without autograd the decoder streams chunks of
-  classes through each stage (``class_chunk``): only stage inputs and outputs span all classes.
+  that K = 171 at 1/4 scale fits in memory. The decoder runs on chunks of classes
+  (``class_chunk``, :mod:`ovseg.methods.chunking`): without autograd only stage inputs and
+  outputs span all classes.
 - §4.3 semantic-guided prompt refinement (Inference II): each class found by pass I has all of its
   visual prompts V replaced by the embedding of its masked crop of the image, and the head runs
   again on the image features of pass I. The pooled stage features V̄_j of Eq. 2 stay those of
@@ -18,25 +19,22 @@ paper's §4:
 
 Without a trained head, DPSeg runs training-free: the template-averaged dual-prompt cost volume,
 refined by Inference II, argmax (DESIGN.md §5). Implementation choices the paper leaves open
-follow specs/dpseg.md (§8), which cites SED for each.
+follow specs/dpseg.md (§8), which cites SED for each. The paper's tables are in
+``training/dpseg_paper.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovseg.backbones import ClipBackbone
+from ovseg.backbones import ClipBackbone, is_toy_clip
 from ovseg.methods.attention import LinearAttention, MultiHeadAttention
 from ovseg.methods.base import (
     IGNORE_INDEX,
@@ -44,97 +42,37 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    register_method,
 )
 from ovseg.methods.blocks import CostEmbedding, DoubleConv, cosine_cost_volume
-from ovseg.methods.builder import build_with_weights
-from ovseg.methods.chunking import upsample_logits
+from ovseg.methods.builder import build_with_weights, register_method
+from ovseg.methods.chunking import (
+    ClassSource,
+    class_slices,
+    classes_of,
+    each_class,
+    join_classes,
+    upsample_logits,
+    upsampled_argmax,
+)
 from ovseg.prompts.templates import resolve_templates
 from ovseg.prompts.visual import (
-    SD_ALIASES,
-    NoisyPromptGenerator,
+    PromptEncoderId,
     PromptGallery,
-    StableDiffusionGenerator,
-    ToyWorldSpriteGenerator,
+    PromptMemo,
     VisualPromptBank,
     VisualPromptEmbeddings,
     VisualPromptGenerator,
+    make_generator,
 )
-
-# ---------------------------------------------------------------------------------- the paper
-
-PAPER_DATASETS = ("A-847", "PC-459", "A-150", "PC-59", "PAS-20")
-
-# Table 1 (mIoU, columns as PAPER_DATASETS): the reproduction targets.
-PAPER_RESULTS: dict[str, tuple[float, ...]] = {
-    "convnext-b/inference-I": (12.0, 19.5, 32.9, 58.1, 96.0),
-    "convnext-b/inference-II": (12.5, 20.1, 33.3, 58.4, 96.9),
-    "convnext-l/inference-I": (14.9, 23.5, 36.4, 62.0, 97.4),
-    "convnext-l/inference-II": (15.7, 24.1, 37.1, 62.3, 98.5),
-    "sed/convnext-b": (11.4, 18.6, 31.6, 57.3, 94.4),
-    "sed/convnext-l": (13.9, 22.6, 35.2, 60.6, 96.1),
-}
-
-# Tables 2-5 (ConvNeXt-B, Inference I): (table, row, DPSegConfig changes, mIoU). Rows without a
-# config change here need another prompt bank (generator or noise) or are SED itself.
-PAPER_ABLATIONS: tuple[tuple[str, str, dict[str, Any], tuple[float, ...]], ...] = (
-    ("2a", "T", {"prompt_mode": "text"}, (10.4, 17.4, 30.6, 56.2, 93.4)),
-    ("2a", "V", {"prompt_mode": "visual"}, (11.1, 18.0, 31.2, 56.9, 94.5)),
-    ("2a", "Avg(T, V)", {}, (12.0, 19.5, 32.9, 58.1, 96.0)),
-    ("2b", "Cat(cos(T,E), cos(V,E))", {"cost_fusion": "cat"}, (11.7, 19.2, 32.3, 57.8, 95.4)),
-    ("2b", "Avg(cos(T,E), cos(V,E))", {"cost_fusion": "avg_cos"}, (11.9, 19.4, 32.7, 58.0, 95.7)),
-    ("2b", "cos(Avg(T,V), E)", {}, (12.0, 19.5, 32.9, 58.1, 96.0)),
-    ("3", "F_c", {"visual_cost_scales": ()}, (10.6, 17.9, 31.6, 57.0, 94.9)),
-    ("3", "F_c, F_v^2", {"visual_cost_scales": (2,)}, (11.4, 18.8, 32.1, 57.6, 95.5)),
-    ("3", "F_c, F_v^{2,3}", {"visual_cost_scales": (2, 3)}, (11.7, 19.2, 32.5, 57.9, 95.7)),
-    ("3", "F_c, F_v^{2,3,4}", {}, (12.0, 19.5, 32.9, 58.1, 96.0)),
-    (
-        "3",
-        "F_c, F_c(2x, 4x, 8x)",
-        {"visual_cost_scales": (), "upsampled_cost_guidance": True},
-        (11.4, 19.0, 32.4, 58.0, 95.6),
-    ),
-    ("4", "1 template", {"num_templates": 1}, (3.6, 7.8, 15.6, 32.1, 72.3)),
-    ("4", "10 templates", {"num_templates": 10}, (6.9, 11.2, 20.3, 41.3, 81.7)),
-    ("4", "20 templates", {"num_templates": 20}, (7.8, 14.9, 27.9, 47.3, 86.7)),
-    ("4", "40 templates", {"num_templates": 40}, (10.1, 16.8, 29.6, 55.9, 91.8)),
-    ("4", "80 templates", {}, (12.0, 19.5, 32.9, 58.1, 96.0)),
-    ("5", "20% Gaussian noise", {"prompt_noise": 0.2}, (12.0, 19.2, 32.5, 57.9, 95.5)),
-    ("5", "60% Gaussian noise", {"prompt_noise": 0.6}, (11.6, 18.8, 32.9, 57.6, 95.0)),
-    ("5", "80% Gaussian noise", {"prompt_noise": 0.8}, (11.5, 18.7, 31.7, 57.3, 94.7)),
-    ("5", "LayerDiffuse", {"prompt_generator": "layerdiffuse"}, (12.1, 19.4, 32.7, 58.0, 95.8)),
-    ("5", "SD-V1.5", {}, (12.0, 19.5, 32.9, 58.1, 96.0)),
-    ("5", "SD-V3", {"prompt_generator": "sd3"}, (12.2, 19.6, 32.8, 58.3, 96.3)),
-    ("5", "SED (text prompt only)", {}, (11.4, 18.6, 31.6, 57.3, 94.4)),
-)
-
-# §5: the paper's optimiser and schedule, for training configs (the trainer owns the loop).
-TRAINING_RECIPE: dict[str, Any] = {
-    "optimizer": "AdamW",
-    "base_lr": 2e-4,
-    "weight_decay": 1e-4,
-    "encoder_lr_multiplier": 0.01,
-    "grad_clip": 0.01,
-    "schedule": "cosine",
-    "warmup": 0,
-    "iterations": 80_000,
-    "batch_size": 4,
-    "crop_size": 768,
-    "dataset": "coco-stuff-171",
-}
 
 SHIPPED_WEIGHTS = "dpseg-toy.safetensors"
 PROMPT_ENCODER_BATCH = 16
 TOY_PROMPTS_PER_CLASS = 16
 TOY_PROMPT_RESOLUTION = 128
-PROMPT_MEMO_SIZE = 8
 # Inference without gradients runs the class attention over chunks of pooled positions holding at
 # most this many class tokens (its MLP widens each token 4×; 847 classes at 768 px have 1.9 M
 # tokens in stage D3).
 ATTENTION_TOKENS = 2**16
-# Classes per chunk when upsampling logits: upsample_logits' own chunk. CPU bilinear resizing
-# rounds differently for different numbers of maps, so the same chunks give the same bits.
-UPSAMPLE_CHUNK = 64
 
 # ------------------------------------------------------------------------------------- config
 
@@ -189,12 +127,12 @@ class DPSegConfig(MethodConfig):
         "exclude" (left out of the loss).
     temperature: divides the training-free cosine scores into logits.
     class_chunk: classes processed together in the per-class layers (cost volume, cost embedding,
-        decoder, upsampling of the logits). Without autograd (inference) the decoder streams
-        chunks of classes through each stage, so its memory is bounded by the stage inputs plus
-        one chunk's temporaries rather than every class's activations; the class attention,
-        which mixes classes, runs over chunks of ``ATTENTION_TOKENS`` tokens. Streamed and
-        whole-tensor (training) decoders give the same bits for the same class_chunk; other
-        chunk sizes differ by float rounding only.
+        decoder). The decoder runs every stage on chunks of classes; without autograd
+        (inference) it writes them into one buffer, so its memory is bounded by the stage inputs
+        plus one chunk's temporaries rather than every class's activations, and the class
+        attention, which mixes classes, runs over chunks of ``ATTENTION_TOKENS`` tokens. With and
+        without autograd the same class_chunk gives the same bits; other chunk sizes differ by
+        float rounding only.
     """
 
     machine_settings: ClassVar[tuple[str, ...]] = ("prompt_cache_dir", "class_chunk")
@@ -282,6 +220,27 @@ def _validate(config: DPSegConfig) -> None:
         raise ValueError(f"class_chunk must be positive; got {config.class_chunk}.")
 
 
+def _with_prompt_defaults(config: DPSegConfig, *, toy: bool, templates: int) -> DPSegConfig:
+    """``config`` with its "auto" and None prompt settings resolved (see :class:`DPSegConfig`)."""
+    generator = config.prompt_generator
+    if generator == "auto":
+        generator = "toyworld" if toy else "sd15"
+    sprites = generator == "toyworld"
+    config = config.replace(
+        prompt_generator=generator,
+        prompts_per_class=config.prompts_per_class
+        or (min(TOY_PROMPTS_PER_CLASS, templates) if sprites else templates),
+        prompt_resolution=config.prompt_resolution
+        or (TOY_PROMPT_RESOLUTION if sprites else config.input_size),
+    )
+    if not 1 <= config.prompts_per_class <= templates:
+        raise ValueError(
+            f"prompts_per_class must be between 1 and the {templates} templates; "
+            f"got {config.prompts_per_class}."
+        )
+    return config
+
+
 # ------------------------------------------------------------------------------------- blocks
 
 
@@ -327,7 +286,9 @@ class ClassAttention(nn.Module):
 
     At every position of a 2×2-pooled grid, the K class tokens attend to each other (pre-norm
     attention and MLP, each with a residual); the result is upsampled back and added. There is no
-    positional encoding over classes, so the layer is equivariant to permuting them.
+    positional encoding over classes, so the layer is equivariant to permuting them. It is the
+    decoder's only layer that mixes classes: :meth:`forward` gives the mixed tokens of all classes,
+    :meth:`attended` the layer's output for a chunk of classes.
     """
 
     def __init__(
@@ -359,22 +320,29 @@ class ClassAttention(nn.Module):
         )
         self.norm2 = nn.LayerNorm(channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``B×K×C×s×s`` → ``B×K×C×s×s``."""
-        batch, classes, channels, height, width = x.shape
-        tokens = self.mix(self.tokens(x).reshape(-1, classes, channels))  # (B·positions)×K×C
-        grid = self.grid(height, width)
-        return x + self.unpool(tokens.view(batch, -1, classes, channels), grid, (height, width))
-
-    # The three steps of forward, which the streamed decoder runs on chunks of classes (tokens,
-    # unpool: per class) or of positions (mix: per position).
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        """Side lengths of the pooled grid of an ``s×s`` map."""
-        pool = min(self.pool, height, width)
-        return height // pool, width // pool
+    def forward(self, x: Tensor, *, class_chunk: int) -> Tensor:
+        """``B×K×C×s×s`` → its pooled class tokens after the attention over classes, ``B×P×K×C``
+        (P pooled positions), pooled ``class_chunk`` classes at a time. Positions are independent:
+        without autograd they are mixed in place, ``ATTENTION_TOKENS`` tokens at a time."""
+        classes = x.shape[1]
+        tokens = join_classes(
+            ((index, self.tokens(x[:, index])) for index in class_slices(classes, class_chunk)),
+            classes,
+            dim=2,
+        )
+        flat = tokens.reshape(-1, classes, tokens.shape[-1])  # (B·P)×K×C
+        count = flat.shape[0]
+        positions = count if torch.is_grad_enabled() else max(1, ATTENTION_TOKENS // classes)
+        mixed = join_classes(
+            ((index, self.mix(flat[index])) for index in class_slices(count, positions)),
+            count,
+            dim=0,
+            buffer=flat,
+        )
+        return mixed.view(tokens.shape)
 
     def tokens(self, x: Tensor) -> Tensor:
-        """``B×K×C×s×s`` → pooled tokens ``B×P×K×C`` (a permuted view; P pooled positions)."""
+        """``B×c×C×s×s`` → pooled tokens ``B×P×c×C`` (a permuted view)."""
         batch, classes, channels, height, width = x.shape
         pool = min(self.pool, height, width)
         pooled = F.avg_pool2d(x.reshape(batch * classes, channels, height, width), pool)
@@ -386,12 +354,18 @@ class ClassAttention(nn.Module):
         tokens = tokens + self.attention(normed, normed, normed)
         return tokens + self.mlp(self.norm2(tokens))
 
-    def unpool(self, tokens: Tensor, grid: Sequence[int], size: Sequence[int]) -> Tensor:
-        """``B×P×K×C`` tokens → the upsampled residual ``B×K×C×H×W``."""
-        batch, _, classes, channels = tokens.shape
-        maps = tokens.permute(0, 2, 3, 1).reshape(batch * classes, channels, *grid)
-        upsampled = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=True)
-        return upsampled.view(batch, classes, channels, *size)
+    def attended(self, x: Tensor, tokens: Tensor, index: slice) -> Tensor:
+        """The layer's output for classes ``index``: ``x[:, index]`` (``B×c×C×s×s``) plus their
+        mixed ``tokens`` (from :meth:`forward`) upsampled back to ``s×s``."""
+        batch, _, channels, height, width = x.shape
+        part = tokens[:, :, index]
+        classes = part.shape[2]
+        pool = min(self.pool, height, width)
+        maps = part.permute(0, 2, 3, 1).reshape(
+            batch * classes, channels, height // pool, width // pool
+        )
+        upsampled = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)
+        return x[:, index] + upsampled.view(batch, classes, channels, height, width)
 
 
 class VisualCostProjection(nn.Module):
@@ -466,34 +440,6 @@ class VisualCostProjection(nn.Module):
         )
 
 
-def _per_class(module: nn.Module, x: Tensor, chunk: int) -> Tensor:
-    """Apply a per-class ``N×C×s×s`` module to ``B×K×C×s×s`` in chunks of classes."""
-    batch = x.shape[0]
-    parts = [module(part.flatten(0, 1)).unflatten(0, (batch, -1)) for part in x.split(chunk, 1)]
-    return torch.cat(parts, dim=1)
-
-
-def _class_slices(classes: int, chunk: int) -> list[slice]:
-    """The chunks of ``classes`` classes, ``chunk`` at a time (as ``Tensor.split`` cuts them)."""
-    return [slice(start, min(start + chunk, classes)) for start in range(0, classes, chunk)]
-
-
-def _into(buffer: Tensor | None, part: Tensor, index: slice, classes: int, dim: int = 1) -> Tensor:
-    """Write ``part`` into the classes ``index`` (axis ``dim``) of ``buffer``; allocate the
-    buffer, with ``classes`` classes, at the first chunk."""
-    if buffer is None:
-        shape = list(part.shape)
-        shape[dim] = classes
-        buffer = part.new_empty(shape)
-    buffer[(slice(None),) * dim + (index,)] = part
-    return buffer
-
-
-# Class slice → a tensor of those classes (a stage input, F, F_c, the upsampled F_c), built on
-# demand by the streamed decoder.
-ClassSource = Callable[[slice], Tensor]
-
-
 class DecoderStage(nn.Module):
     """One CVGD stage D_i (§4.2): HD Conv → class attention → 2× deconvolution → concatenate the
     encoder guidance (E_j ÷16, repeated over classes), the projected F_v^j and (ablation) the
@@ -551,69 +497,6 @@ class DecoderStage(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
-        encoder_features: Tensor,
-        prototypes: Tensor | None,
-        upsampled_cost: Tensor | None,
-        *,
-        class_chunk: int,
-    ) -> Tensor:
-        """
-        Arguments:
-            x: ``B×K×C_in×s×s``.
-            encoder_features: E_j, ``B×D_j×2s×2s``, detached.
-            prototypes: V̄_j, ``B×K×M×D_j`` (used when the stage has a visual cost volume).
-            upsampled_cost: ``B×K×u×2s×2s`` or None.
-            class_chunk: classes per chunk in the per-class layers.
-
-        Returns:
-            ``B×K×C_out×2s×2s``.
-        """
-        x = _per_class(self.hd_conv, x, class_chunk)
-        x = self.class_attention(x)
-        guidance = self.guidance(encoder_features)[:, None]  # B×1×g×2s×2s
-        outputs = []
-        for index in _class_slices(x.shape[1], class_chunk):
-            outputs.append(
-                self._fuse(
-                    x[:, index],
-                    guidance,
-                    encoder_features,
-                    None if prototypes is None else prototypes[:, index],
-                    None if upsampled_cost is None else upsampled_cost[:, index],
-                )
-            )
-        return torch.cat(outputs, dim=1)
-
-    def _fuse(
-        self,
-        part: Tensor,
-        guidance: Tensor,
-        encoder_features: Tensor,
-        prototypes: Tensor | None,
-        upsampled_cost: Tensor | None,
-    ) -> Tensor:
-        """Deconvolution, guidance and DoubleConv of a chunk of classes ``B×c×C_in×s×s``."""
-        batch, count = part.shape[:2]
-        pieces = [
-            self.upsample(part.flatten(0, 1)).unflatten(0, (batch, count)),
-            guidance.expand(-1, count, -1, -1, -1),
-        ]
-        if self.visual_cost is not None:
-            pieces.append(self.visual_cost(encoder_features, prototypes))
-        if upsampled_cost is not None:
-            pieces.append(upsampled_cost)
-        stacked = torch.cat(pieces, dim=2).flatten(0, 1)
-        del pieces  # the deconvolution's output is not needed once stacked
-        first, *rest = self.fuse  # self.fuse(stacked), with stacked freed after the first conv
-        fused = first(stacked)
-        del stacked
-        for layer in rest:
-            fused = layer(fused)
-        return fused.unflatten(0, (batch, count))
-
-    def stream(
-        self,
         source: ClassSource,
         classes: int,
         encoder_features: Tensor,
@@ -624,61 +507,73 @@ class DecoderStage(nn.Module):
         buffer: Tensor | None = None,
         head: nn.Module | None = None,
     ) -> Tensor:
-        """:meth:`forward` for inference (no autograd), one chunk of classes at a time.
+        """The stage on K classes, ``class_chunk`` at a time.
 
-        Only the HD Conv output of all classes (``B×K×C_in×s×s``, in ``buffer`` when given), its
-        pooled class tokens and the stage output are held; the class attention's residual, the
-        deconvolution, the guidance, F_v^j and the DoubleConv exist for one chunk at a time. The
-        per-class layers see the same chunks as in :meth:`forward`, so the result is the same.
+        Only the HD Conv output, its pooled class tokens and the stage output span all classes;
+        the class attention's residual, the deconvolution, the guidance, F_v^j and the DoubleConv
+        exist for one chunk at a time.
 
         Arguments:
             source: class slice → the stage input of those classes, ``B×c×C_in×s×s``.
             classes: K.
-            encoder_features: E_j, ``B×D_j×2s×2s``.
+            encoder_features: E_j, ``B×D_j×2s×2s``, detached.
             prototypes: V̄_j, ``B×K×M×D_j`` (used when the stage has a visual cost volume).
-            upsampled_cost: class slice → ``B×c×u×2s×2s``, or None.
+            upsampled_cost: class slice → the upsampled F_c, ``B×c×u×2s×2s``, or None.
             class_chunk: classes per chunk.
-            buffer: ``B×K×C_in×s×s`` that receives the HD Conv output; it may be the tensor
-                ``source`` reads from (each chunk is read before it is overwritten).
+            buffer: ``B×K×C_in×s×s`` that receives the HD Conv output without autograd; it may
+                be the tensor ``source`` reads from.
             head: applied to each chunk of the output (the decoder's logit conv, last stage).
 
         Returns:
             ``B×K×C_out×2s×2s``, or ``B×K×1×2s×2s`` through ``head``.
         """
-        attention = self.class_attention
-        slices = _class_slices(classes, class_chunk)
-        hidden, tokens = buffer, None
-        for index in slices:
-            part = source(index)
-            batch = part.shape[0]
-            part = self.hd_conv(part.flatten(0, 1)).unflatten(0, (batch, -1))
-            hidden = _into(hidden, part, index, classes)
-            tokens = _into(tokens, attention.tokens(part), index, classes, dim=2)  # B×P×K×C
-            del part
-        height, width = hidden.shape[-2:]
-        flat = tokens.view(-1, classes, tokens.shape[-1])  # (B·P)×K×C
-        positions = max(1, ATTENTION_TOKENS // classes)
-        for start in range(0, flat.shape[0], positions):
-            chunk = flat[start : start + positions]
-            chunk.copy_(attention.mix(chunk))  # positions are independent of each other
-        grid = attention.grid(height, width)
+        slices = class_slices(classes, class_chunk)
+        hidden = join_classes(
+            ((index, each_class(self.hd_conv, source(index))) for index in slices),
+            classes,
+            buffer=buffer,
+        )
+        tokens = self.class_attention(hidden, class_chunk=class_chunk)
         guidance = self.guidance(encoder_features)[:, None]  # B×1×g×2s×2s
-        output = None
-        for index in slices:
-            part = hidden[:, index] + attention.unpool(tokens[:, :, index], grid, (height, width))
+
+        def output(index: slice) -> Tensor:
             fused = self._fuse(
-                part,
+                self.class_attention.attended(hidden, tokens, index),
                 guidance,
                 encoder_features,
                 None if prototypes is None else prototypes[:, index],
                 None if upsampled_cost is None else upsampled_cost(index),
             )
-            del part
-            if head is not None:
-                fused = head(fused.flatten(0, 1)).unflatten(0, (fused.shape[0], -1))
-            output = _into(output, fused, index, classes)
-            del fused
-        return output
+            return fused if head is None else each_class(head, fused)
+
+        return join_classes(((index, output(index)) for index in slices), classes)
+
+    def _fuse(
+        self,
+        x: Tensor,
+        guidance: Tensor,
+        encoder_features: Tensor,
+        prototypes: Tensor | None,
+        upsampled_cost: Tensor | None,
+    ) -> Tensor:
+        """Deconvolution, guidance and DoubleConv of a chunk of classes: ``B×c×C_in×s×s`` →
+        ``B×c×C_out×2s×2s``."""
+        batch, count = x.shape[:2]
+        pieces = [each_class(self.upsample, x), guidance.expand(-1, count, -1, -1, -1)]
+        if self.visual_cost is not None:
+            pieces.append(self.visual_cost(encoder_features, prototypes))  # F_v^j, Eq. 2
+        if upsampled_cost is not None:
+            pieces.append(upsampled_cost)
+        stacked = torch.cat(pieces, dim=2).flatten(0, 1)
+        del pieces
+        # self.fuse(stacked), with stacked (a chunk's largest tensor at 1/4 scale) freed after the
+        # first convolution.
+        first, *rest = self.fuse
+        fused = first(stacked)
+        del stacked
+        for layer in rest:
+            fused = layer(fused)
+        return fused.unflatten(0, (batch, count))
 
 
 class CostVolumeGuidedDecoder(nn.Module):
@@ -734,8 +629,9 @@ class CostVolumeGuidedDecoder(nn.Module):
 
     def forward(
         self,
-        embedded_cost: Tensor,
-        cost_volume: Tensor,
+        embedded_cost: ClassSource,
+        cost_volume: ClassSource,
+        classes: int,
         encoder_features: Sequence[Tensor],
         prototypes: Sequence[Tensor],
         *,
@@ -744,86 +640,41 @@ class CostVolumeGuidedDecoder(nn.Module):
     ) -> Tensor:
         """
         Arguments:
-            embedded_cost: F, ``B×K×d_F×h×w``.
-            cost_volume: F_c, ``B×K×M×h×w`` (used by ``upsampled_cost_guidance``).
+            embedded_cost: class slice → F of those classes, ``B×c×d_F×h×w``.
+            cost_volume: class slice → F_c, ``B×c×M×h×w`` (used by ``upsampled_cost_guidance``).
+            classes: K.
             encoder_features: E_2, E_3, E_4 (``B×D_j×H/2^j×W/2^j``), detached.
             prototypes: V̄_2, V̄_3, V̄_4 (``B×K×M×D_j``).
-            class_chunk: classes per chunk in the per-class layers.
+            class_chunk: classes per chunk (:meth:`DecoderStage.forward`).
             shapes: filled with each stage's output shape, if given.
 
         Returns:
-            Logits ``B×K×H/4×W/4``.
+            Logits ``B×K×H/4×W/4``. F, F_c and D3's ``B×K×C×H/4×W/4`` output (the last stage
+            applies the logit conv per chunk) are never held for all classes; without autograd
+            each stage writes its HD Conv output into the buffer of its input.
         """
-        x = embedded_cost
-        upsampled = cost_volume
+        source, x = embedded_cost, None
         for index, stage in enumerate(self.stages):
             scale = 4 - index
-            if self.cost_upsampling is not None:
-                upsampled = _per_class(self.cost_upsampling[index], upsampled, class_chunk)
-            x = stage(
-                x,
-                encoder_features[scale - 2],
-                prototypes[scale - 2],
-                upsampled if self.cost_upsampling is not None else None,
-                class_chunk=class_chunk,
-            )
-            if shapes is not None:
-                shapes[f"D{index + 1}"] = tuple(x.shape)
-        return _per_class(self.head, x, class_chunk).squeeze(2)
-
-    def stream(
-        self,
-        embedded_cost: ClassSource,
-        classes: int,
-        cost_volume: ClassSource,
-        encoder_features: Sequence[Tensor],
-        prototypes: Sequence[Tensor],
-        *,
-        class_chunk: int,
-        shapes: dict[str, tuple[int, ...]] | None = None,
-    ) -> Tensor:
-        """:meth:`forward` for inference (no autograd) in chunks of classes, with the same result.
-
-        F and F_c come per chunk of classes and are never held for all of them; each stage keeps
-        its HD Conv output in the buffer of its input (:meth:`DecoderStage.stream`), and the last
-        stage applies the logit conv per chunk, so D3's ``B×K×C×H/4×W/4`` output is never built.
-
-        Arguments:
-            embedded_cost: class slice → F of those classes, ``B×c×d_F×h×w``.
-            classes: K.
-            cost_volume: class slice → F_c, ``B×c×M×h×w`` (used by ``upsampled_cost_guidance``).
-            encoder_features, prototypes, class_chunk, shapes: as :meth:`forward`.
-
-        Returns:
-            Logits ``B×K×H/4×W/4``.
-        """
-        x: Tensor | None = None
-        source = embedded_cost
-        for index, stage in enumerate(self.stages):
-            scale = 4 - index
+            last = index == len(self.stages) - 1
             upsampled = None
             if self.cost_upsampling is not None:
                 upsampled = _upsampled_cost(cost_volume, self.cost_upsampling[: index + 1])
-            last = index == len(self.stages) - 1
-            x = stage.stream(
+            x = stage(
                 source,
                 classes,
                 encoder_features[scale - 2],
                 prototypes[scale - 2],
                 upsampled,
                 class_chunk=class_chunk,
-                buffer=x,  # the previous stage's output becomes this stage's HD Conv output
+                buffer=x,
                 head=self.head if last else None,
             )
             if shapes is not None:
                 width = stage.fuse[3].out_channels if last else x.shape[2]
                 shapes[f"D{index + 1}"] = (x.shape[0], classes, width, *x.shape[-2:])
-            source = _reader(x)
+            source = classes_of(x)
         return x.squeeze(2)
-
-
-def _reader(x: Tensor) -> ClassSource:
-    return lambda index: x[:, index]
 
 
 def _upsampled_cost(cost_volume: ClassSource, layers: Sequence[nn.Module]) -> ClassSource:
@@ -833,7 +684,7 @@ def _upsampled_cost(cost_volume: ClassSource, layers: Sequence[nn.Module]) -> Cl
     def upsampled(index: slice) -> Tensor:
         x = cost_volume(index)
         for layer in layers:
-            x = layer(x.flatten(0, 1)).unflatten(0, (x.shape[0], -1))
+            x = each_class(layer, x)
         return x
 
     return upsampled
@@ -952,11 +803,6 @@ def _record_feature_shapes(features: DPSegFeatures, shapes: dict[str, tuple[int,
         shapes[f"E_{j}"] = tuple(encoder_features.shape)
 
 
-def _is_toy_clip(backbone: ClipBackbone) -> bool:
-    name = backbone.name.removeprefix("local-dir:")
-    return backbone.name.startswith("ovseg-toy") or Path(name).name.startswith("clip-toy")
-
-
 # -------------------------------------------------------------------------------------- model
 
 
@@ -1006,23 +852,9 @@ class DPSeg(SegmentationMethod):
                 f"num_templates must be between 1 and {len(all_templates)}; got {count}."
             )
         self.templates = all_templates[:count]
-        toy = _is_toy_clip(backbone)
-        generator_name = config.prompt_generator
-        if generator_name == "auto":
-            generator_name = "toyworld" if toy else "sd15"
-        default_count = min(TOY_PROMPTS_PER_CLASS, count) if generator_name == "toyworld" else count
-        config = config.replace(
-            prompt_generator=generator_name,
-            prompts_per_class=config.prompts_per_class or default_count,
-            prompt_resolution=config.prompt_resolution
-            or (TOY_PROMPT_RESOLUTION if generator_name == "toyworld" else config.input_size),
+        self.config = config = _with_prompt_defaults(
+            config, toy=is_toy_clip(backbone), templates=count
         )
-        if not 1 <= config.prompts_per_class <= count:
-            raise ValueError(
-                f"prompts_per_class must be between 1 and the {count} templates; "
-                f"got {config.prompts_per_class}."
-            )
-        self.config = config
         self.backbone = backbone
         self.trained_head = False
 
@@ -1031,59 +863,41 @@ class DPSeg(SegmentationMethod):
             parameter.requires_grad_(name.startswith("visual."))
         self.prompt_encoder = copy.deepcopy(backbone.model.visual).requires_grad_(False).eval()
 
-        num_prompts = len(self.templates)
-        cost_channels = 2 * num_prompts if config.cost_fusion == "cat" else num_prompts
+        cost_channels = 2 * count if config.cost_fusion == "cat" else count
         self.cost_embedding = CostEmbedding(
             in_channels=cost_channels, out_channels=config.cost_embed_dim, kernel_size=7
         )
         self.decoder = CostVolumeGuidedDecoder(
             config=config,
             encoder_channels=backbone.layer_dims[:3],
-            num_prompts=num_prompts,
+            num_prompts=count,
             cost_channels=cost_channels,
         )
         self.prompt_bank = prompt_bank or VisualPromptBank(
-            generator=self._generator(prompt_generator),
+            generator=make_generator(
+                prompt_generator or config.prompt_generator,
+                resolution=config.prompt_resolution,
+                dtype=config.prompt_dtype,
+                noise=config.prompt_noise,
+            ),
             encoder=self.encode_prompt_images,
-            encoder_id=self.prompt_encoder_id,
+            encoder_id=PromptEncoderId(backbone.name, self.prompt_encoder),
             cache_dir=config.prompt_cache_dir,
             seed=config.prompt_seed,
             resolution=config.prompt_resolution,
         )
-        self._encoder_id: tuple[tuple, str] | None = None
-        self._prompt_memo: OrderedDict[tuple, VisualPromptEmbeddings] = OrderedDict()
-
-    def _generator(self, generator: VisualPromptGenerator | None) -> VisualPromptGenerator:
-        config = self.config
-        if generator is None:
-            name = config.prompt_generator
-            if name == "toyworld":
-                generator = ToyWorldSpriteGenerator(resolution=config.prompt_resolution)
-            elif name == "layerdiffuse":
-                raise ValueError(
-                    "LayerDiffuse (Table 5) has no diffusers pipeline; generate its images "
-                    "elsewhere and pass a VisualPromptGenerator that returns them."
-                )
-            else:
-                generator = StableDiffusionGenerator(
-                    model=SD_ALIASES.get(name, name),
-                    resolution=config.prompt_resolution,
-                    dtype=getattr(torch, config.prompt_dtype) if config.prompt_dtype else None,
-                )
-        if config.prompt_noise > 0:
-            generator = NoisyPromptGenerator(generator, noise=config.prompt_noise)
-        return generator
+        self._prompt_memo = PromptMemo()
 
     def train(self, mode: bool = True) -> DPSeg:
         super().train(mode)
         self.prompt_encoder.eval()
         return self
 
-    # ----------------------------------------------------------------------------- encoders
     def clear_caches(self) -> None:
         super().clear_caches()
         self._prompt_memo.clear()
 
+    # ----------------------------------------------------------------------------- encoders
     def encode_image(self, images: Tensor) -> DPSegFeatures:
         """``B×3×H×W`` images in [0, 1] (H, W multiples of 32) → E and detached E_2..E_4."""
         features = self.backbone.encode_image(self.backbone.normalize(images), layers=(0, 1, 2))
@@ -1116,50 +930,18 @@ class DPSeg(SegmentationMethod):
             pooled.append(means)
         return torch.cat(embeddings), tuple(torch.cat(level) for level in zip(*pooled, strict=True))
 
-    def prompt_encoder_id(self) -> str:
-        """Fingerprint of the prompt encoder's weights (part of the prompt bank's keys)."""
-        state = self.prompt_encoder.state_dict()
-        version = tuple((t.data_ptr(), t._version) for t in state.values())
-        if self._encoder_id is None or self._encoder_id[0] != version:
-            digest = hashlib.sha256()
-            for name, tensor in state.items():
-                digest.update(name.encode())
-                digest.update(
-                    tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                )
-            self._encoder_id = (version, f"{self.backbone.name}@{digest.hexdigest()[:16]}")
-        return self._encoder_id[1]
-
     # ------------------------------------------------------------------------------ prompts
     def visual_prompts(self, vocabulary: VocabularyLike) -> VisualPromptEmbeddings:
         """V (``K×M×D_z``) and V̄_j (``K×M×D_j``) of a vocabulary, from the prompt bank."""
         parameter = next(self.cost_embedding.parameters())
-        bank = self.prompt_bank
-        # Everything the bank's answer depends on: its seed picks the images and its
-        # resolution is what they are encoded at (both can be set on a ready bank).
-        key = (
-            tuple(tuple([c] if isinstance(c, str) else c) for c in vocabulary),
+        return self._prompt_memo.embeddings(
+            self.prompt_bank,
+            vocabulary,
             self.templates,
             self.config.prompts_per_class,
-            self.prompt_encoder_id(),
-            bank.generator.id,
-            bank.seed,
-            bank.resolution,
-            parameter.device,
-            parameter.dtype,
+            device=parameter.device,
+            dtype=parameter.dtype,
         )
-        if key in self._prompt_memo:
-            self._prompt_memo.move_to_end(key)
-            return self._prompt_memo[key]
-        # Built outside inference mode so that the cached tensors can enter a later training step.
-        with torch.inference_mode(False):
-            prompts = self.prompt_bank.embeddings(
-                vocabulary, self.templates, self.config.prompts_per_class
-            ).to(parameter.device, parameter.dtype)
-        self._prompt_memo[key] = prompts
-        while len(self._prompt_memo) > PROMPT_MEMO_SIZE:
-            self._prompt_memo.popitem(last=False)
-        return prompts
 
     def dual_prompts(self, vocabulary: VocabularyLike, batch_size: int) -> DualPrompts:
         """T, V and V̄_j of a vocabulary, expanded (not copied) to ``batch_size`` images."""
@@ -1200,41 +982,15 @@ class DPSeg(SegmentationMethod):
         *,
         shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> Tensor:
-        """The trained head on one pass's prompts → logits ``B×K×H/4×W/4``.
-
-        Without autograd, the classes are streamed through the decoder in chunks of
-        ``config.class_chunk`` (:meth:`CostVolumeGuidedDecoder.stream`); with it (training), every
-        stage is built for all classes at once.
-        """
-        if not torch.is_grad_enabled():
-            return self._stream_decode(features, prompts, shapes)
-        cost = self.cost_volume(features.embeddings, prompts)  # F_c, Eq. 1
-        embedded = self.cost_embedding(cost)  # F, B×K×d_F×h×w
-        if shapes is not None:
-            _record_feature_shapes(features, shapes)
-            shapes |= {"F_c": tuple(cost.shape), "F": tuple(embedded.shape)}
-        return self.decoder(
-            embedded,
-            cost,
-            features.guidance,
-            prompts.pooled,
-            class_chunk=self.config.class_chunk,
-            shapes=shapes,
-        )
-
-    def _stream_decode(
-        self,
-        features: DPSegFeatures,
-        prompts: DualPrompts,
-        shapes: dict[str, tuple[int, ...]] | None,
-    ) -> Tensor:
+        """The trained head on one pass's prompts → logits ``B×K×H/4×W/4``: F_c, its embedding
+        F and the CVGD, ``config.class_chunk`` classes at a time."""
         classes = prompts.text.shape[1]
 
-        def cost(index: slice) -> Tensor:
+        def cost_volume(index: slice) -> Tensor:
             return self.cost_volume(features.embeddings, prompts.classes(index))  # F_c, Eq. 1
 
-        def embedded(index: slice) -> Tensor:
-            return self.cost_embedding(cost(index))
+        def embedded_cost(index: slice) -> Tensor:
+            return self.cost_embedding(cost_volume(index))  # F
 
         if shapes is not None:
             _record_feature_shapes(features, shapes)
@@ -1244,10 +1000,10 @@ class DPSeg(SegmentationMethod):
                 "F_c": (batch, classes, cost_channels, height, width),
                 "F": (batch, classes, self.config.cost_embed_dim, height, width),
             }
-        return self.decoder.stream(
-            embedded,
+        return self.decoder(
+            embedded_cost,
+            cost_volume,
             classes,
-            cost,
             features.guidance,
             prompts.pooled,
             class_chunk=self.config.class_chunk,
@@ -1255,27 +1011,27 @@ class DPSeg(SegmentationMethod):
         )
 
     def training_free_scores(self, features: DPSegFeatures, prompts: DualPrompts) -> Tensor:
-        """The dual-prompt cost volume averaged over templates, ``B×K×h×w`` (DESIGN.md §5);
-        without autograd in chunks of classes (``B×K×M×h×w`` is never held)."""
-        if torch.is_grad_enabled():
-            return self.cost_volume(features.embeddings, prompts).mean(dim=2)
+        """The dual-prompt cost volume averaged over templates, ``B×K×h×w`` (DESIGN.md §5), in
+        chunks of classes (``B×K×M×h×w`` is never held)."""
         classes = prompts.text.shape[1]
-        scores = None
-        for index in _class_slices(classes, self.config.class_chunk):
-            part = self.cost_volume(features.embeddings, prompts.classes(index)).mean(dim=2)
-            scores = _into(scores, part, index, classes)
-        return scores
+        return join_classes(
+            (
+                (index, self.cost_volume(features.embeddings, prompts.classes(index)).mean(dim=2))
+                for index in class_slices(classes, self.config.class_chunk)
+            ),
+            classes,
+        )
 
     def _pass(
         self,
         features: DPSegFeatures,
         prompts: DualPrompts,
         use_head: bool,
-        shapes: dict[str, tuple[int, ...]] | None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> Tensor:
         """One pass: logits ``B×K×H×W`` at the input size."""
         logits = self._low_resolution_pass(features, prompts, use_head, shapes)
-        return self._upsample(logits, features.input_size)
+        return upsample_logits(logits, features.input_size)
 
     def _low_resolution_pass(
         self,
@@ -1293,36 +1049,8 @@ class DPSeg(SegmentationMethod):
             _record_feature_shapes(features, shapes)
         return logits
 
-    def _upsample(self, logits: Tensor, size: Sequence[int]) -> Tensor:
-        """:func:`upsample_logits`; without autograd written chunk by chunk into the output, so
-        ``B×K×H×W`` exists once (the concatenation of chunks needs it twice)."""
-        if torch.is_grad_enabled() or tuple(logits.shape[-2:]) == tuple(size):
-            return upsample_logits(logits, size)
-        output = logits.new_empty((*logits.shape[:2], *size))
-        for index in _class_slices(logits.shape[1], UPSAMPLE_CHUNK):
-            output[:, index] = upsample_logits(logits[:, index], size)
-        return output
-
-    def _upsampled_argmax(self, logits: Tensor, size: Sequence[int]) -> Tensor:
-        """``self._upsample(logits, size).argmax(dim=1)`` (``B×H×W``) without ``B×K×H×W``: a
-        running argmax over chunks of upsampled classes (the first maximum wins, NaN beats all,
-        as in ``argmax``)."""
-        best = labels = None
-        for index in _class_slices(logits.shape[1], UPSAMPLE_CHUNK):
-            part = upsample_logits(logits[:, index], size)
-            winner = part.argmax(dim=1, keepdim=True)
-            value = part.gather(1, winner)[:, 0]
-            winner = winner[:, 0] + index.start
-            del part
-            if best is None:
-                best, labels = value, winner
-                continue
-            better = (value > best) | (value.isnan() & ~best.isnan())
-            best = torch.where(better, value, best)
-            labels = torch.where(better, winner, labels)
-        return labels
-
     # ------------------------------------------------------------------------- Inference II
+
     def refine_prompts(
         self,
         features: DPSegFeatures,
@@ -1383,7 +1111,6 @@ class DPSeg(SegmentationMethod):
             batches.append(self.encode_prompt_images(torch.stack([crops[b][k] for b, k in batch])))
         embedding = torch.cat([encoded[0] for encoded in batches])
         pooled = tuple(torch.cat(level) for level in zip(*(e[1] for e in batches), strict=True))
-        del batches
         images, classes = torch.tensor(owners, device=prompts.visual.device).unbind(dim=1)
 
         def replace(bank: Tensor, rows: Tensor) -> Tensor:
@@ -1432,11 +1159,12 @@ class DPSeg(SegmentationMethod):
         ``visual_cost_volume``, ``dual_cost_volume`` (``B×K×h×w``, template-averaged cosines of
         E with T, V and R, Fig. 3), ``visual_cost_volume_j{2,3,4}`` (``B×K×H_j×W_j``,
         template-averaged F_v^j, Fig. 8), ``visual_prompt_images`` (lazy gallery, class index →
-        images), ``shapes`` (tensor inspector), ``refined_prompt_images`` (per image, class
-        index → ``S×S×3`` uint8 crop), and with Inference II ``pass1_logits`` and ``pass2_logits``
-        (``B×K×H×W``). Inference II always returns ``detected_classes`` (per image); otherwise
-        pass I's logits are never upsampled for all classes at once (they are ``K×H×W`` floats:
-        2 GB for 847 classes at 768 px): its label map is a running argmax over chunks of classes.
+        images), ``shapes`` (tensor inspector), and with Inference II ``refined_prompt_images``
+        (per image, class index → its ``3×S×S`` crop in [0, 1]), ``pass1_logits`` and
+        ``pass2_logits`` (``B×K×H×W``). Inference II always returns ``detected_classes`` (per
+        image). Pass I's logits are upsampled for all classes only as the output or an
+        intermediate (they are ``K×H×W`` floats: 2 GB for 847 classes at 768 px); Inference II
+        takes its label map from a running argmax over chunks of classes.
         """
         if options:
             raise ValueError(
@@ -1447,51 +1175,49 @@ class DPSeg(SegmentationMethod):
         _check_choice("inference", mode, ("I", "II"))
         use_head = head if head is not None else (self.trained_head or self.training)
         features = image_features
-        prompts = self.dual_prompts(vocabulary, features.embeddings.shape[0])
-        shapes: dict[str, tuple[int, ...]] | None = {} if return_intermediates else None
         size = features.input_size
-        low = self._low_resolution_pass(features, prompts, use_head, shapes)
-        # Pass I's full-resolution logits are only needed as the output or as an intermediate.
-        full = mode == "I" or return_intermediates or torch.is_grad_enabled()
-        logits = self._upsample(low, size) if full else None
-        intermediates: dict[str, Any] = {}
+        shapes: dict[str, tuple[int, ...]] | None = {} if return_intermediates else None
+        intermediates: dict[str, Any] = {"inference": mode}
+
+        # Inference I: the dual prompts T, V, V̄_j (§4.1) and one pass at the head's resolution.
+        prompts = self.dual_prompts(vocabulary, features.embeddings.shape[0])
+        pass_one = self._low_resolution_pass(features, prompts, use_head, shapes)
         if return_intermediates:
-            intermediates = self._cost_volume_intermediates(features, prompts, vocabulary)
+            intermediates |= self._cost_volume_intermediates(features, prompts, vocabulary)
             intermediates |= {"head": "trained" if use_head else "training-free", "shapes": shapes}
-        if mode == "II":
-            labels = logits.argmax(dim=1) if full else self._upsampled_argmax(low, size)
-            first = logits if return_intermediates else None
-            refined, detected, crops = self.refine_prompts(
-                features,
-                prompts,
-                labels,
-                detection_threshold=(
-                    self.config.detection_threshold
-                    if detection_threshold is None
-                    else detection_threshold
-                ),
-                crop_mode=crop_mode or self.config.crop_mode,
-                refine_stage_features=(
-                    self.config.refine_stage_features
-                    if refine_stage_features is None
-                    else refine_stage_features
-                ),
+        if mode == "I":
+            return SegmentationOutput(
+                logits=upsample_logits(pass_one, size), intermediates=intermediates
             )
-            if return_intermediates:
-                intermediates["refined_prompt_images"] = [
-                    {k: _to_uint8(crop) for k, crop in image_crops.items()} for image_crops in crops
-                ]
-            del crops  # 3×S×S floats per detected class
-            # No detection leaves every prompt as it was, so pass II would repeat pass I.
-            if refined is not prompts:
-                del logits, low  # pass I's logits are not needed any more, unless in `first`
-                logits = self._pass(features, refined, use_head, None)
-            elif logits is None:
-                logits = self._upsample(low, size)
-            intermediates["detected_classes"] = detected
-            if return_intermediates:
-                intermediates |= {"pass1_logits": first, "pass2_logits": logits}
-        intermediates["inference"] = mode
+
+        # Inference II (§4.3): the classes found in pass I get their crops as visual prompts.
+        refined, detected, crops = self.refine_prompts(
+            features,
+            prompts,
+            upsampled_argmax(pass_one, size),
+            detection_threshold=(
+                self.config.detection_threshold
+                if detection_threshold is None
+                else detection_threshold
+            ),
+            crop_mode=crop_mode or self.config.crop_mode,
+            refine_stage_features=(
+                self.config.refine_stage_features
+                if refine_stage_features is None
+                else refine_stage_features
+            ),
+        )
+        intermediates["detected_classes"] = detected
+        if refined is prompts:  # nothing detected: pass II would repeat pass I
+            logits = upsample_logits(pass_one, size)
+        else:
+            logits = self._pass(features, refined, use_head)
+        if return_intermediates:
+            intermediates |= {
+                "refined_prompt_images": crops,
+                "pass1_logits": logits if refined is prompts else upsample_logits(pass_one, size),
+                "pass2_logits": logits,
+            }
         return SegmentationOutput(logits=logits, intermediates=intermediates)
 
     def _cost_volume_intermediates(
@@ -1557,11 +1283,6 @@ class DPSeg(SegmentationMethod):
                 "weight_decay": decay,
             },
         ]
-
-
-def _to_uint8(image: Tensor) -> np.ndarray:
-    """``3×S×S`` in [0, 1] → ``S×S×3`` uint8."""
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------ builder

@@ -1,18 +1,19 @@
 """ESC-Net: Effective SAM Combination for open-vocabulary segmentation (Lee et al.).
 
 The file follows Section 3 of the paper (spec: ``specs/esc-net.md``). ESC-Net is a one-stage,
-CAT-Seg-style model: a CLIP cosine cost volume (Eq. 1) is refined by K = 4 ESC blocks and decoded by
-a small U-Net. Each ESC block
+CAT-Seg-style model: a CLIP cosine cost volume (Eq. 1) is refined by N = 4 ESC blocks and decoded by
+a small U-Net (Sec. 3.6). Each ESC block (:meth:`EscNet.esc_block`, Fig. 2)
 
 1. turns every class's activation map into SAM prompts with the parameter-free **Pseudo Prompt
-   Generator** (:func:`pseudo_prompts`: spatial softmax, threshold α, k-means on pixel coordinates
-   into N_o = 5 regions, one peak point and one mask per region);
-2. embeds them with SAM's **pretrained prompt encoder** and runs one **pretrained SAM mask-decoder
-   two-way block** batched over classes on the CLIP image stream; the per-class refined maps are
-   fused into one class-agnostic map ``F'_v`` (Eq. 2);
-3. refines the embedded cost volume with the **VLF** block (:class:`VisionLanguageFusion`): Swin
-   window attention guided by ``F'_v``, then linear attention over classes with the text
-   embeddings as keys and values.
+   Generator** (:func:`pseudo_prompts`, Sec. 3.3: spatial softmax, threshold α, k-means on pixel
+   coordinates into N_o = 5 regions, one peak point and one mask per region);
+2. embeds them with SAM's **pretrained prompt encoder** (:class:`SamPromptEncoding`) and runs one
+   **pretrained SAM mask-decoder two-way block** (:class:`SamBlock`, Sec. 3.4) batched over
+   classes on the CLIP vision features; the per-class refined features are fused into one
+   class-agnostic ``F'_v`` (Eq. 2);
+3. refines the embedded cost volume with the **VLF** block (:class:`VisionLanguageFusion`,
+   Sec. 3.5): Swin window attention guided by ``F'_v``, then linear attention over classes with
+   the text embeddings as keys and values.
 
 SAM's image encoder is never part of the model. Without trained head weights the method runs its
 training-free path instead: pseudo prompts from the MaskCLIP cost volume are decoded by a full
@@ -28,6 +29,9 @@ ZeroConv(C'_k)`` as the next block's map (A11), CAT-Seg's Swin and decoder sizes
 ViT-B/16 at the paper's 336 px, window 7 on the 21×21 grid, A18), per-pixel BCE (A14), and CLIP's
 Q/V projections and position embeddings tuned with the SAM layers at 2e-6 and the rest at 2e-4
 (A16, A17).
+
+Shapes: ``B`` images, ``K`` classes (``Kc`` in a chunk of classes), ``N`` ESC blocks (``k`` one
+of them), an ``h×w`` CLIP patch grid, ``C_s`` SAM's prompt width, ``D_h`` the VLF width.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,14 +48,8 @@ from segment_anything.modeling import PromptEncoder
 from segment_anything.utils.amg import batched_mask_to_box
 from torch import Tensor, nn
 
-import ovseg.backbones
-from ovseg.backbones import (
-    ClipBackbone,
-    DenseFeatures,
-    SamBackbone,
-    WeightsError,
-    build_sam,
-)
+from ovseg.backbones import ClipBackbone, DenseFeatures, SamBackbone
+from ovseg.backbones.sam import load_sam
 from ovseg.errors import OptionError
 from ovseg.methods.attention import LinearAttention, Mlp, SwinBlock
 from ovseg.methods.base import (
@@ -60,14 +58,12 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    register_method,
 )
 from ovseg.methods.blocks import DoubleConv, cosine_cost_volume
-from ovseg.methods.builder import build_with_weights
-from ovseg.methods.chunking import upsample_logits
+from ovseg.methods.builder import method_builder, register_method
+from ovseg.methods.chunking import class_slices, per_class, upsample_logits
 
 SHIPPED_WEIGHTS = "esc-net-toy.safetensors"
-TOY_SAM_CHECKPOINT = Path("sam-toy") / "sam-toy.safetensors"
 PROMPT_TYPES = ("point", "box", "mask")
 DENSE_PROMPT_MODES = ("union", "mean")
 CLIP_FINETUNE_MODES = ("attention", "full", "none")
@@ -77,7 +73,8 @@ CLIP_FINETUNE_MODES = ("attention", "full", "none")
 class EscNetConfig(MethodConfig):
     """ESC-Net settings (beyond :class:`MethodConfig`). Defaults are the paper's full model.
 
-    SAM (§2.4–2.5, Table 2):
+    SAM (Sec. 3.3–3.4, Table 2):
+        num_blocks: N, ESC blocks (one SAM layer each).
         sam: SAM architecture name (``"vit_b"``, ``"toy"`` …, see ``SAM_CONFIGS``).
         sam_checkpoint: SAM weights (official ``.pth`` or a ``SamBackbone.save`` file); None
             with ``sam="toy"`` is the shipped ToyWorld SAM. Read to initialise a new head's SAM
@@ -95,15 +92,14 @@ class EscNetConfig(MethodConfig):
             this average is exactly ``d0 + (fg/N_o)·(d1 − d0)``: the union at 1/N_o strength,
             kept only for that head and as an ablation.
 
-    Pseudo Prompt Generator (§3):
-        num_blocks: K, ESC blocks (one SAM layer each).
+    Pseudo Prompt Generator (Sec. 3.3):
         num_objects: N_o, regions and points per class.
         ppg_tau: temperature of the spatial softmax.
         ppg_alpha: threshold α on the softmax probability (None: 1/(h·w), "above uniform").
         kmeans_iterations: Lloyd iterations.
         mask_logit: κ, the magnitude of the ±κ mask-prompt logits.
 
-    VLF and decoder (§4, §2.7):
+    VLF and decoder (Sec. 3.5–3.6):
         hidden_dim: D_h, the embedded cost-volume width.
         swin_heads, window_size, mlp_ratio: the guided Swin pair (and the MLPs' width). The
             window must divide the patch grid (or exceed it): ViT-B/16 at the paper's 336 px has a
@@ -164,6 +160,8 @@ class EscNetConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.prompt_types = tuple(self.prompt_types)
+        if self.sam_checkpoint is not None:
+            self.sam_checkpoint = str(self.sam_checkpoint)  # a Path too; the record is JSON
         self.decoder_dims = tuple(self.decoder_dims)
         self.skip_dims = tuple(self.skip_dims)
         if self.skip_layers is not None:
@@ -192,7 +190,7 @@ class EscNetConfig(MethodConfig):
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems) + ".")
 
 
-# ------------------------------------------------------------------ Pseudo Prompt Generator (§3)
+# --------------------------------------------------------------- Pseudo Prompt Generator (Sec. 3.3)
 
 
 @dataclass
@@ -302,11 +300,11 @@ def _nearest_centroid(xy: Tensor, centroids: Tensor) -> Tensor:
     return ((xy[None, :, None] - centroids[:, None]) ** 2).sum(-1).argmin(dim=-1)
 
 
-# -------------------------------------------------------------------------- ESC blocks (§2.4–2.6)
+# -------------------------------------------------------------------- SAM prompt encoder (Sec. 3.3)
 
 
 class SamPromptEncoding(nn.Module):
-    """SAM's pretrained prompt encoder, run on pseudo prompts in grid units (§2.4, A9, A10).
+    """SAM's pretrained prompt encoder, run on pseudo prompts in grid units (Sec. 3.3; A9, A10).
 
     The encoder is SAM's own ``PromptEncoder`` built for the CLIP grid (``input_image_size`` =
     ``image_embedding_size`` = ``h×w``), so a point's positional encoding is the dense PE of its
@@ -348,7 +346,8 @@ class SamPromptEncoding(nn.Module):
         return self.encoder.pe_layer(size)
 
     def forward(self, prompts: PseudoPrompts) -> tuple[Tensor, Tensor]:
-        """Pseudo prompts of ``R`` maps → sparse ``R×T×C`` and dense ``R×C×h×w`` embeddings.
+        """Pseudo prompts of ``R`` maps → ``P_sparse`` (``R×T×C_s``) and ``P_dense``
+        (``R×C_s×h×w``), SAM's sparse and dense prompt embeddings.
 
         ``T``: N_o points (+ SAM's padding point when there are no boxes), 2·N_o box corners.
         """
@@ -383,12 +382,20 @@ class SamPromptEncoding(nn.Module):
         return torch.cat(sparse, dim=1).to(dtype), dense
 
 
-class SamBlock(nn.Module):
-    """One pretrained SAM two-way block run on every class's prompts (Eq. 2).
+# ---------------------------------------------------------------------- SAM block (Sec. 3.4, Eq. 2)
 
-    Tokens of class n are ``[T_l^n ; P_sparse^n]`` (the projected text replaces SAM's output
-    tokens, A3); keys are the image stream plus the class's dense prompt. The refined keys
-    ``(F_v^n)'`` of all classes are averaged and fused with the block input into ``F'_v`` (A5).
+
+class SamBlock(nn.Module):
+    """One pretrained SAM two-way block run on every class's prompt set, then the fusion of the
+    per-class results into one class-agnostic ``F'_v``. Eq. 2 reads
+    ``(F_v^n)' = BCA(SA(F_l^n), F_v)`` and ``F'_v = Conv([F_v^0; …; F_v^{N_c}])``; with the
+    spec's choices (A3, A5) that is::
+
+        (F_v^n)' = BCA(SA([T_l^n ; P_sparse^n]), F_v + P_dense^n)
+        F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])
+
+    The projected text token ``T_l^n`` of class n replaces SAM's output tokens (A3); the class's
+    dense prompt is added to the vision features as SAM adds its mask embedding.
     """
 
     def __init__(self, *, layer: nn.Module, dim: int) -> None:
@@ -401,27 +408,34 @@ class SamBlock(nn.Module):
         self.layer = copy.deepcopy(layer)
         self.fuse = nn.Conv2d(2 * dim, dim, 1)
 
-    def refine(self, image: Tensor, tokens: Tensor, dense: Tensor, pe: Tensor) -> Tensor:
+    def refine(
+        self, vision_features: Tensor, queries: Tensor, dense_prompts: Tensor, key_pe: Tensor
+    ) -> Tensor:
         """``(F_v^n)'`` for a chunk of ``Kc`` classes of ``B`` images.
 
         Arguments:
-            image: ``B×C×h×w`` image stream.
-            tokens: ``(B·Kc)×T×C`` prompt tokens.
-            dense: ``(B·Kc)×C×h×w`` dense prompts.
-            pe: ``C×h×w`` dense positional encoding.
+            vision_features: ``B×C_s×h×w`` ``F_v``, the keys of SAM's two-way attention.
+            queries: ``(B·Kc)×T×C_s`` prompt tokens ``[T_l^n ; P_sparse^n]``.
+            dense_prompts: ``(B·Kc)×C_s×h×w`` ``P_dense^n``.
+            key_pe: ``C_s×h×w`` SAM's dense positional encoding of the grid.
 
         Returns:
-            ``(B·Kc)×(h·w)×C`` refined image keys.
+            ``(B·Kc)×(h·w)×C_s`` refined vision features (SAM's updated keys).
         """
-        batch = image.shape[0]
-        keys = image[:, None] + dense.view(batch, -1, *dense.shape[1:])
+        batch = vision_features.shape[0]
+        keys = vision_features[:, None] + dense_prompts.view(batch, -1, *dense_prompts.shape[1:])
         keys = keys.flatten(0, 1).flatten(2).transpose(1, 2)
-        _, keys = self.layer(queries=tokens, keys=keys, query_pe=tokens, key_pe=pe.flatten(1).T)
+        _, keys = self.layer(
+            queries=queries, keys=keys, query_pe=queries, key_pe=key_pe.flatten(1).T
+        )
         return keys
 
-    def fuse_classes(self, image: Tensor, refined_mean: Tensor) -> Tensor:
-        """Eq. 2: ``F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])``, both ``B×C×h×w``."""
-        return self.fuse(torch.cat([image, refined_mean], dim=1))
+    def fuse_classes(self, vision_features: Tensor, refined_mean: Tensor) -> Tensor:
+        """Eq. 2: ``F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])``, both ``B×C_s×h×w``."""
+        return self.fuse(torch.cat([vision_features, refined_mean], dim=1))
+
+
+# ---------------------------------------------------------------- Vision-Language Fusion (Sec. 3.5)
 
 
 class VisionLanguageFusion(nn.Module):
@@ -431,7 +445,7 @@ class VisionLanguageFusion(nn.Module):
         self,
         *,
         hidden_dim: int,
-        image_dim: int,
+        vision_dim: int,
         text_dim: int,
         swin_heads: int,
         window_size: int,
@@ -441,7 +455,7 @@ class VisionLanguageFusion(nn.Module):
         """
         Arguments:
             hidden_dim: D_h, the embedded cost-volume width.
-            image_dim: channels of the image stream ``F'_v``.
+            vision_dim: C_s, channels of the vision features ``F'_v``.
             text_dim: D, the CLIP joint embedding width.
             swin_heads, window_size: of the Swin pair.
             text_heads: of the linear text attention.
@@ -449,7 +463,7 @@ class VisionLanguageFusion(nn.Module):
         """
         super().__init__()
         self.embed = nn.Conv2d(1, hidden_dim, 1)
-        self.guidance = nn.Conv2d(image_dim, hidden_dim, 1)
+        self.guidance = nn.Conv2d(vision_dim, hidden_dim, 1)
         self.swin = nn.ModuleList(
             SwinBlock(
                 dim=hidden_dim,
@@ -471,46 +485,51 @@ class VisionLanguageFusion(nn.Module):
         nn.init.zeros_(self.to_activation.weight)
         nn.init.zeros_(self.to_activation.bias)
 
-    def guidance_map(self, image: Tensor) -> Tensor:
-        """``B×C×h×w`` image stream → ``B×h×w×D_h`` Swin guidance (normed inside the blocks)."""
-        return self.guidance(image).permute(0, 2, 3, 1)
+    def guidance_map(self, vision_features: Tensor) -> Tensor:
+        """``B×C_s×h×w`` ``F'_v`` → ``B×h×w×D_h`` Swin guidance (normed inside the blocks)."""
+        return self.guidance(vision_features).permute(0, 2, 3, 1)
 
     def forward(
         self,
-        activation: Tensor,
-        previous: Tensor | None,
+        activation_map: Tensor,
+        previous_correlation: Tensor | None,
         guidance: Tensor,
-        text: Tensor,
+        text_keys: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """One VLF pass over a chunk of ``Kc`` classes of ``B`` images.
 
         Arguments:
-            activation: ``(B·Kc)×h×w`` scalar maps ``S_{k-1}``.
-            previous: ``(B·Kc)×D_h×h×w`` the previous block's ``C'_{v&l}`` (None in block 1).
+            activation_map: ``(B·Kc)×h×w`` scalar maps ``S_{k-1}``.
+            previous_correlation: ``(B·Kc)×D_h×h×w`` the previous block's ``C'_{v&l}`` (None in
+                block 1).
             guidance: ``B×h×w×D_h`` from :meth:`guidance_map`.
-            text: ``K×D_h`` projected text of the whole vocabulary (keys and values).
+            text_keys: ``K×D_h`` projected text of the whole vocabulary (keys and values).
 
         Returns:
             ``C'_{v&l}`` (``(B·Kc)×D_h×h×w``) and ``S_k`` (``(B·Kc)×h×w``).
         """
-        embedded = self.embed(activation[:, None])  # C_e
-        if previous is not None:
-            embedded = embedded + previous
-        tokens = embedded.permute(0, 2, 3, 1)
+        embedded = self.embed(activation_map[:, None])  # C_e
+        if previous_correlation is not None:
+            embedded = embedded + previous_correlation
+        correlation = embedded.permute(0, 2, 3, 1)
         for block in self.swin:
-            tokens = block(tokens, guidance)  # C_v
-        rows, height, width, channels = tokens.shape
-        # Each (pixel, class) query attends to all class texts; queries are independent, so one
-        # flat query batch against the shared text keys is the per-pixel attention over classes.
-        flat = tokens.reshape(1, rows * height * width, channels)
-        flat = flat + self.text_attention(self.text_norm(flat), text[None])
-        flat = flat + self.mlp(self.mlp_norm(flat))
-        refined = flat.view(rows, height, width, channels).permute(0, 3, 1, 2)
-        return refined, activation + self.to_activation(refined)[:, 0]
+            correlation = block(correlation, guidance)  # C_v, Fig. 4 (a)
+        maps, height, width, channels = correlation.shape
+        # Fig. 4 (b): each (pixel, class) query attends to all class texts; queries are
+        # independent, so one flat query batch against the shared text keys is the per-pixel
+        # attention over classes.
+        queries = correlation.reshape(1, maps * height * width, channels)
+        queries = queries + self.text_attention(self.text_norm(queries), text_keys[None])
+        queries = queries + self.mlp(self.mlp_norm(queries))
+        refined = queries.view(maps, height, width, channels).permute(0, 3, 1, 2)
+        return refined, activation_map + self.to_activation(refined)[:, 0]
+
+
+# --------------------------------------------------------------- mask prediction decoder (Sec. 3.6)
 
 
 class UpsamplingDecoder(nn.Module):
-    """U-Net upsampler with CLIP skips (§2.7): two × (bilinear ×2, concat skip, DoubleConv)."""
+    """U-Net upsampler with CLIP skips: two × (bilinear ×2, concat skip, DoubleConv)."""
 
     def __init__(
         self,
@@ -546,17 +565,19 @@ class UpsamplingDecoder(nn.Module):
             for i, (project, x) in enumerate(zip(self.skips, features, strict=True))
         ]
 
-    def forward(self, x: Tensor, skips: Sequence[Tensor]) -> Tensor:
-        """``(B·Kc)×D_h×h×w`` → ``(B·Kc)×4h×4w`` logits; ``skips`` from :meth:`skip_features`."""
+    def forward(self, correlation: Tensor, skips: Sequence[Tensor]) -> Tensor:
+        """``(B·Kc)×D_h×h×w`` ``C'_{v&l}`` → ``(B·Kc)×4h×4w`` logits; ``skips`` from
+        :meth:`skip_features`."""
+        features = correlation
         for stage, skip in zip(self.stages, skips, strict=True):
-            x = F.interpolate(x, scale_factor=2, mode="bilinear")
-            classes = x.shape[0] // skip.shape[0]
+            features = F.interpolate(features, scale_factor=2, mode="bilinear")
+            classes = features.shape[0] // skip.shape[0]
             repeated = skip[:, None].expand(-1, classes, -1, -1, -1).flatten(0, 1)
-            x = stage(torch.cat([x, repeated], dim=1))
-        return self.head(x)[:, 0]
+            features = stage(torch.cat([features, repeated], dim=1))
+        return self.head(features)[:, 0]
 
 
-# ------------------------------------------------------------------------------------ the model
+# ----------------------------------------------------------------------------- the model (Sec. 3.1)
 
 
 @dataclass
@@ -566,7 +587,7 @@ class EscNetFeatures:
     Attributes:
         clip: CLIP's dense features (with the skip layers for the head, MaskCLIP features on the
             training-free path).
-        sam_embeddings: ``B×C×g×g`` full-SAM image embeddings (training-free path only).
+        sam_embeddings: ``B×C_s×g×g`` full-SAM image embeddings (training-free path only).
         head: whether these were encoded for the trained head.
     """
 
@@ -575,13 +596,31 @@ class EscNetFeatures:
     head: bool
 
 
+@dataclass
+class EscBlockOutput:
+    """What one ESC block gives the next (Fig. 2).
+
+    Attributes:
+        vision_features: ``B×C_s×h×w`` ``F'_v`` (Eq. 2); without SAM, the block's input ``F_v``.
+        correlation: ``B×K×D_h×h×w`` ``C'_{v&l}``, the VLF's refined correlation.
+        activation_map: ``B×K×h×w`` ``S_k``, the map the next block's PPG reads (A11).
+        pseudo_prompts: the PPG's prompts, one :class:`PseudoPrompts` per chunk of classes, of
+            its ``B·Kc`` maps in (image, class) order; empty without SAM.
+    """
+
+    vision_features: Tensor
+    correlation: Tensor
+    activation_map: Tensor
+    pseudo_prompts: list[PseudoPrompts]
+
+
 def _default_skip_layers(depth: int) -> tuple[int, int]:
     """0-based blocks at a third and two thirds of the depth: 12 → (3, 7), 24 → (7, 15)."""
     return (round(depth / 3) - 1, round(2 * depth / 3) - 1)
 
 
 class EscNet(SegmentationMethod):
-    """ESC-Net on a ViT CLIP: cost volume → K × (PPG → SAM block → VLF) → U-Net decoder.
+    """ESC-Net on a ViT CLIP: cost volume → N × (PPG → SAM block → VLF) → U-Net decoder.
 
     The head runs when the module is training or ``trained_head`` is set; otherwise
     :meth:`segment` takes the training-free path (pseudo prompts → full pretrained SAM).
@@ -616,9 +655,9 @@ class EscNet(SegmentationMethod):
         self.backbone = backbone
         self.grid = config.input_size // backbone.stride
         self.skip_layers = config.skip_layers or _default_skip_layers(backbone.num_layers)
-        image_dim = sam.prompt_embed_dim if sam is not None else 256
+        vision_dim = sam.prompt_embed_dim if sam is not None else 256
         text_dim = backbone.embed_dim
-        self.image_projection = nn.Conv2d(text_dim, image_dim, 1)  # A4
+        self.image_projection = nn.Conv2d(text_dim, vision_dim, 1)  # A4
         if config.use_sam:
             layers = sam.mask_decoder.transformer.layers
             self.prompt_encoding = SamPromptEncoding(
@@ -628,15 +667,15 @@ class EscNet(SegmentationMethod):
                 dense_prompt=config.dense_prompt,
                 mask_logit=config.mask_logit,
             )
-            self.text_token = nn.Linear(text_dim, image_dim)  # A3
+            self.text_token = nn.Linear(text_dim, vision_dim)  # A3
             self.sam_blocks = nn.ModuleList(
-                SamBlock(layer=layers[k % len(layers)], dim=image_dim)  # A2: [L0, L1, L0, L1]
+                SamBlock(layer=layers[k % len(layers)], dim=vision_dim)  # A2: [L0, L1, L0, L1]
                 for k in range(config.num_blocks)
             )
         self.fusion = nn.ModuleList(
             VisionLanguageFusion(
                 hidden_dim=config.hidden_dim,
-                image_dim=image_dim,
+                vision_dim=vision_dim,
                 text_dim=text_dim,
                 swin_heads=config.swin_heads,
                 window_size=config.window_size,
@@ -656,59 +695,6 @@ class EscNet(SegmentationMethod):
         # the first time that path runs, so a trained head never holds it. A dict, so that the
         # shallow copies the demo makes share one loaded SAM.
         self._loaded_sam: dict[str, SamBackbone] = {}
-
-    # ----------------------------------------------------------------------------- training
-    @property
-    def clip_finetuning_scope(self) -> str:
-        """A16: ``"attention"`` trains the Q/V projections of every CLIP attention block and the
-        position embeddings of both towers; K stays frozen."""
-        return self.config.clip_finetune
-
-    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
-        """AdamW groups (§5): CLIP and SAM (prompt encoder, two-way layers) at
-        ``base_lr · multiplier`` (2e-6), the rest at ``base_lr`` (2e-4)."""
-        self.set_clip_finetuning_scope()
-        groups: dict[str, list[nn.Parameter]] = {"esc-net": [], "clip": [], "sam": []}
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            if name.startswith("backbone."):
-                groups["clip"].append(parameter)
-            elif name.startswith("prompt_encoding.") or (
-                name.startswith("sam_blocks.") and ".layer." in name
-            ):
-                groups["sam"].append(parameter)
-            else:
-                groups["esc-net"].append(parameter)
-        clip_lr = base_lr * self.config.clip_lr_multiplier
-        rates = {
-            "esc-net": base_lr,
-            "clip": clip_lr,
-            "sam": base_lr * self.config.sam_lr_multiplier,
-        }
-        decay = self.config.weight_decay
-        return [
-            {
-                "name": name,
-                "params": params,
-                "lr": rates[name],
-                "weight_decay": decay,
-            }
-            for name, params in groups.items()
-            if params
-        ]
-
-    def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
-        """A14: per-pixel binary cross-entropy against one-hot targets over all K classes,
-        averaged over labelled pixels × classes; ``IGNORE_INDEX`` pixels do not count."""
-        logits = upsample_logits(output.logits, target.shape[-2:])
-        target = target.long()
-        classes = torch.arange(logits.shape[1], device=target.device)
-        positives = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)
-        valid = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
-        losses = F.binary_cross_entropy_with_logits(logits, positives, reduction="none")
-        denominator = (valid.sum() * logits.shape[1]).clamp_min(1)
-        return {"loss_bce": (losses * valid).sum() / denominator}
 
     # ------------------------------------------------------------------------------ images
     def _uses_head(self) -> bool:
@@ -737,7 +723,7 @@ class EscNet(SegmentationMethod):
         if not self.config.sam_pretrained:
             return None
         if "sam" not in self._loaded_sam:
-            self._loaded_sam["sam"] = load_sam_for(self.config)
+            self._loaded_sam["sam"] = load_sam(self.config.sam, self.config.sam_checkpoint)
         return self._loaded_sam["sam"].to(device)
 
     # ----------------------------------------------------------------------------- segment
@@ -752,12 +738,11 @@ class EscNet(SegmentationMethod):
     ) -> SegmentationOutput:
         """Segment encoded images with a vocabulary of ``K`` classes.
 
-        Intermediates (on request): ``cost_volume`` (``B×K×h×w``, Eq. 1) and, with the head,
-        ``activation_maps`` (``B×(N+1)×K×h×w``: S_0 … S_N, Fig. 6) and, per block, the pseudo
-        prompts ``pseudo_points`` (``B×N×K×N_o×2``, grid cells), ``pseudo_regions``
-        (``B×N×K×N_o×h×w``) and ``pseudo_boxes`` (``B×N×K×N_o×4``). The training-free path
-        gives ``pseudo_points``/``pseudo_regions``/``pseudo_boxes`` (``B×K×…``) and
-        ``sam_masks`` (``B×K×H×W`` probabilities).
+        Intermediates (on request): ``cost_volume`` (``B×K×h×w``, Eq. 1); with the head,
+        ``activation_maps`` (``B×(N+1)×K×h×w``: S_0 … S_N, Fig. 6); on the training-free path,
+        ``sam_masks`` (``B×K×H×W`` probabilities); and with SAM, ``pseudo_prompts``: one set per
+        ESC block (one set, from the cost volume, on the training-free path), each the PPG's
+        :class:`PseudoPrompts` per chunk of classes as in :attr:`EscBlockOutput.pseudo_prompts`.
         """
         if options:
             raise OptionError(f"esc-net takes no options; got {sorted(options)}.")
@@ -775,50 +760,16 @@ class EscNet(SegmentationMethod):
                 f"ESC-Net was built for a {self.grid}×{self.grid} grid (input_size "
                 f"{self.config.input_size}); got features on a {grid[0]}×{grid[1]} grid."
             )
-        text = self.backbone.encode_text(vocabulary, self.config.templates).mean  # K×D
-        cost_volume = cosine_cost_volume(image_features.clip.dense, text)  # Eq. 1
+        text = self.backbone.encode_text(vocabulary, self.config.templates).mean  # F_l, K×D
+        cost_volume = cosine_cost_volume(image_features.clip.dense, text)  # C_{v&l}, Eq. 1
         if not image_features.head:
             return self._training_free(image_features, cost_volume, return_intermediates)
         return self._run_head(image_features.clip, text, cost_volume, return_intermediates)
 
-    def _chunks(self, classes: int) -> list[slice]:
-        size = self.config.class_chunk_size
-        return [slice(start, min(start + size, classes)) for start in range(0, classes, size)]
-
-    def _ppg(self, maps: Tensor) -> PseudoPrompts:
-        config = self.config
-        return pseudo_prompts(
-            maps,
-            num_objects=config.num_objects,
-            tau=config.ppg_tau,
-            alpha=config.ppg_alpha,
-            iterations=config.kmeans_iterations,
-        )
-
-    def _sam_block(
-        self, index: int, image: Tensor, activation: Tensor, text_tokens: Tensor
-    ) -> tuple[Tensor, list[PseudoPrompts]]:
-        """ESC block ``index``'s PPG and SAM block: ``B×C×h×w`` → ``F'_v`` (Eq. 2)."""
-        batch, classes, height, width = activation.shape
-        block = self.sam_blocks[index]
-        pe = self.prompt_encoding.dense_pe((height, width)).to(image.dtype)
-        refined_sum = image.new_zeros(batch, height * width, image.shape[1])
-        prompts = []
-        for chunk in self._chunks(classes):
-            chunk_prompts = self._ppg(activation[:, chunk].detach().flatten(0, 1))
-            prompts.append(chunk_prompts)
-            sparse, dense = self.prompt_encoding(chunk_prompts)
-            tokens = text_tokens[chunk][None].expand(batch, -1, -1).flatten(0, 1)[:, None]
-            tokens = torch.cat([tokens, sparse], dim=1)
-            refined = block.refine(image, tokens, dense, pe)  # (F_v^n)'
-            refined_sum = refined_sum + refined.view(batch, -1, *refined.shape[1:]).sum(dim=1)
-        refined_mean = (refined_sum / classes).transpose(1, 2).reshape(image.shape)
-        return block.fuse_classes(image, refined_mean), prompts
-
     def _run_head(
         self, clip: DenseFeatures, text: Tensor, cost_volume: Tensor, return_intermediates: bool
     ) -> SegmentationOutput:
-        batch, classes, height, width = cost_volume.shape
+        """Fig. 2: N ESC blocks refine the cost volume; the decoder upsamples it (Sec. 3.6)."""
         window = self.config.window_size
         if self.grid > window and self.grid % window and not self.config.window_padding:
             raise OptionError(
@@ -830,49 +781,100 @@ class EscNet(SegmentationMethod):
         missing = [i for i in self.skip_layers if f"layer{i}" not in clip.intermediates]
         if missing:
             raise ValueError(f"The CLIP features lack the skip layers {missing}.")
-        image = self.image_projection(clip.dense)  # X_0
+        vision_features = self.image_projection(clip.dense)  # F_v at SAM's width (A4)
         skips = self.decoder.skip_features(
             [clip.intermediates[f"layer{i}"] for i in self.skip_layers]
         )
-        text_tokens = self.text_token(text) if self.config.use_sam else None
-        activation, embedded = cost_volume, None  # S_0 = C_0
-        activations, block_prompts = [cost_volume], []
-        for index, fusion in enumerate(self.fusion):
-            if self.config.use_sam:
-                image, prompts = self._sam_block(index, image, activation, text_tokens)
-                block_prompts.append(prompts)
-            guidance = fusion.guidance_map(image)
-            text_keys = fusion.text(text)
-            refined_chunks, activation_chunks = [], []
-            for chunk in self._chunks(classes):
-                previous = None if embedded is None else embedded[:, chunk].flatten(0, 1)
-                refined, next_activation = fusion(
-                    activation[:, chunk].flatten(0, 1), previous, guidance, text_keys
-                )
-                refined_chunks.append(refined.view(batch, -1, *refined.shape[1:]))
-                activation_chunks.append(next_activation.view(batch, -1, height, width))
-            embedded = torch.cat(refined_chunks, dim=1)  # C'_{v&l}
-            activation = torch.cat(activation_chunks, dim=1)  # S_k
-            activations.append(activation)
-        logits = torch.cat(
-            [
-                self.decoder(embedded[:, chunk].flatten(0, 1), skips).view(
-                    batch, -1, 4 * height, 4 * width
-                )
-                for chunk in self._chunks(classes)
-            ],
-            dim=1,
-        )
+        text_tokens = self.text_token(text) if self.config.use_sam else None  # T_l (A3)
+        activation_map, correlation = cost_volume, None  # S_0 = C_{v&l}
+        activation_maps, block_prompts = [cost_volume], []
+        for index in range(self.config.num_blocks):
+            block = self.esc_block(
+                index, vision_features, activation_map, correlation, text, text_tokens
+            )
+            vision_features, correlation = block.vision_features, block.correlation
+            activation_map = block.activation_map
+            activation_maps.append(activation_map)
+            block_prompts.append(block.pseudo_prompts)
+        decoder = partial(self.decoder, skips=skips)
+        logits = per_class(decoder, correlation, self.config.class_chunk_size)  # Sec. 3.6
         logits = upsample_logits(logits, clip.input_size)
         intermediates: dict[str, Any] = {}
         if return_intermediates:
             intermediates = {
                 "cost_volume": cost_volume,
-                "activation_maps": torch.stack([a.detach() for a in activations], dim=1),
+                "activation_maps": torch.stack([a.detach() for a in activation_maps], dim=1),
             }
-            if block_prompts:
-                intermediates |= _stack_block_prompts(block_prompts, batch, classes)
+            if self.config.use_sam:
+                intermediates["pseudo_prompts"] = block_prompts
         return SegmentationOutput(logits=logits, intermediates=intermediates)
+
+    def esc_block(
+        self,
+        index: int,
+        vision_features: Tensor,
+        activation_map: Tensor,
+        correlation: Tensor | None,
+        text: Tensor,
+        text_tokens: Tensor | None,
+    ) -> EscBlockOutput:
+        """ESC block ``index`` (Fig. 2): PPG → SAM prompt encoder → SAM block (Eq. 2) → VLF.
+
+        Arguments:
+            index: the block, 0 … N−1.
+            vision_features: ``B×C_s×h×w`` ``F_v``, the vision features the SAM block refines.
+            activation_map: ``B×K×h×w`` ``S_{k-1}`` (``S_0``: the cost volume, Eq. 1).
+            correlation: ``B×K×D_h×h×w`` the previous block's ``C'_{v&l}`` (None in block 1).
+            text: ``K×D`` class embeddings ``F_l``.
+            text_tokens: ``K×C_s`` projected text tokens ``T_l`` (A3; None without SAM).
+        """
+        batch, classes, height, width = activation_map.shape
+        chunks = class_slices(classes, self.config.class_chunk_size)
+        prompts: list[PseudoPrompts] = []
+        if self.config.use_sam:
+            sam_block = self.sam_blocks[index]
+            key_pe = self.prompt_encoding.dense_pe((height, width)).to(vision_features.dtype)
+            dim = vision_features.shape[1]
+            refined_sum = vision_features.new_zeros(batch, height * width, dim)
+            for chunk in chunks:
+                # Sec. 3.3: pseudo points and masks, from a map no gradient flows back through.
+                chunk_prompts = self._ppg(activation_map[:, chunk].detach().flatten(0, 1))
+                prompts.append(chunk_prompts)
+                sparse, dense = self.prompt_encoding(chunk_prompts)  # P_sparse^n, P_dense^n
+                text_queries = text_tokens[chunk][None].expand(batch, -1, -1).flatten(0, 1)
+                queries = torch.cat([text_queries[:, None], sparse], dim=1)  # [T_l^n ; P_sparse^n]
+                refined = sam_block.refine(vision_features, queries, dense, key_pe)  # (F_v^n)'
+                refined_sum = refined_sum + refined.view(batch, -1, *refined.shape[1:]).sum(dim=1)
+            refined_mean = (refined_sum / classes).transpose(1, 2).reshape(vision_features.shape)
+            vision_features = sam_block.fuse_classes(vision_features, refined_mean)  # F'_v, Eq. 2
+        # Sec. 3.5: the VLF refines every class's correlation, guided by F'_v and the class texts.
+        fusion = self.fusion[index]
+        guidance = fusion.guidance_map(vision_features)
+        text_keys = fusion.text(text)
+        correlations, activation_maps = [], []
+        for chunk in chunks:
+            previous = None if correlation is None else correlation[:, chunk].flatten(0, 1)
+            refined, next_map = fusion(
+                activation_map[:, chunk].flatten(0, 1), previous, guidance, text_keys
+            )
+            correlations.append(refined.view(batch, -1, *refined.shape[1:]))
+            activation_maps.append(next_map.view(batch, -1, height, width))
+        return EscBlockOutput(
+            vision_features=vision_features,
+            correlation=torch.cat(correlations, dim=1),  # C'_{v&l}
+            activation_map=torch.cat(activation_maps, dim=1),  # S_k (A11)
+            pseudo_prompts=prompts,
+        )
+
+    def _ppg(self, maps: Tensor) -> PseudoPrompts:
+        config = self.config
+        return pseudo_prompts(
+            maps,
+            num_objects=config.num_objects,
+            tau=config.ppg_tau,
+            alpha=config.ppg_alpha,
+            iterations=config.kmeans_iterations,
+        )
 
     # ------------------------------------------------------------------- training-free path
     @torch.no_grad()
@@ -900,7 +902,7 @@ class EscNet(SegmentationMethod):
         logits = torch.empty_like(class_log_prob)
         sam_masks = torch.empty_like(class_log_prob) if return_intermediates else None
         prompts = []
-        for chunk in self._chunks(classes):
+        for chunk in class_slices(classes, self.config.class_chunk_size):
             chunk_prompts = self._ppg(cost_volume[:, chunk].flatten(0, 1))
             prompts.append(chunk_prompts)
             points = (chunk_prompts.points + 0.5) * stride * scale
@@ -908,123 +910,97 @@ class EscNet(SegmentationMethod):
             # last one, the frame SAM's predictor gives its prompt encoder.
             last_pixel = chunk_prompts.boxes.new_tensor([0, 0, stride - 1, stride - 1])
             boxes = (chunk_prompts.boxes * stride + last_pixel) * scale
-            for b in range(batch):
-                rows = slice(b * (chunk.stop - chunk.start), (b + 1) * (chunk.stop - chunk.start))
-                coords = points[rows].reshape(-1, 1, 2)
+            chunk_size = chunk.stop - chunk.start
+            for image in range(batch):
+                maps = slice(image * chunk_size, (image + 1) * chunk_size)
+                coords = points[maps].reshape(-1, 1, 2)
                 mask_logits, _ = sam.decode(
-                    features.sam_embeddings[b : b + 1],
+                    features.sam_embeddings[image : image + 1],
                     points=(coords, torch.ones(coords.shape[:2], device=coords.device)),
-                    boxes=boxes[rows].reshape(-1, 4) if self.config.training_free_box else None,
+                    boxes=boxes[maps].reshape(-1, 4) if self.config.training_free_box else None,
                 )
                 mask_logits = mask_logits.view(-1, self.config.num_objects, *mask_logits.shape[-2:])
                 mask_logits = sam.postprocess_masks(
                     mask_logits.amax(dim=1)[None], original_size=size
                 )
                 log_mask = F.logsigmoid(mask_logits[0].to(logits.dtype))
-                logits[b, chunk] = class_log_prob[b, chunk] + log_mask
+                logits[image, chunk] = class_log_prob[image, chunk] + log_mask
                 if sam_masks is not None:
-                    sam_masks[b, chunk] = log_mask.exp()
+                    sam_masks[image, chunk] = log_mask.exp()
         intermediates: dict[str, Any] = {}
         if return_intermediates:
-            intermediates = {"cost_volume": cost_volume, "sam_masks": sam_masks}
-            stacked = _stack_block_prompts([prompts], batch, classes)
-            intermediates |= {key: value[:, 0] for key, value in stacked.items()}
+            intermediates = {
+                "cost_volume": cost_volume,
+                "sam_masks": sam_masks,
+                "pseudo_prompts": [prompts],
+            }
         return SegmentationOutput(logits=logits, intermediates=intermediates)
 
+    # ---------------------------------------------------------------- loss and optimiser
+    def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
+        """A14: per-pixel binary cross-entropy against one-hot targets over all K classes,
+        averaged over labelled pixels × classes; ``IGNORE_INDEX`` pixels do not count."""
+        logits = upsample_logits(output.logits, target.shape[-2:])
+        target = target.long()
+        classes = torch.arange(logits.shape[1], device=target.device)
+        positives = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)
+        valid = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
+        losses = F.binary_cross_entropy_with_logits(logits, positives, reduction="none")
+        denominator = (valid.sum() * logits.shape[1]).clamp_min(1)
+        return {"loss_bce": (losses * valid).sum() / denominator}
 
-def _stack_block_prompts(
-    block_prompts: list[list[PseudoPrompts]], batch: int, classes: int
-) -> dict[str, Tensor]:
-    """Per block, chunked ``(B·Kc)×…`` prompts → ``B×N×K×…`` tensors for the demo."""
-    stacked: dict[str, list[Tensor]] = {
-        "pseudo_points": [],
-        "pseudo_regions": [],
-        "pseudo_boxes": [],
-    }
-    for chunks in block_prompts:
-        for key, attribute in (
-            ("pseudo_points", "points"),
-            ("pseudo_regions", "regions"),
-            ("pseudo_boxes", "boxes"),
-        ):
-            parts = [getattr(p, attribute) for p in chunks]
-            parts = [part.view(batch, -1, *part.shape[1:]) for part in parts]
-            stacked[key].append(torch.cat(parts, dim=1))
-    return {key: torch.stack(values, dim=1) for key, values in stacked.items()}
+    @classmethod
+    def from_settings(cls, config: EscNetConfig, backbone: ClipBackbone, head: bool) -> EscNet:
+        """The builder's factory (:mod:`ovseg.methods.builder`). Head weights hold every SAM part
+        ESC-Net uses (prompt encoder, two-way layers), so with them SAM's architecture is enough:
+        its checkpoint is read if the training-free path runs. Without a head the SAM parts
+        start from the checkpoint (or random ones: Table 2 b)."""
+        sam = load_sam(
+            config.sam,
+            config.sam_checkpoint,
+            pretrained=config.sam_pretrained and not head,
+            image_encoder=False,
+        )
+        return cls(config=config, backbone=backbone, sam=sam)
+
+    @property
+    def clip_finetuning_scope(self) -> str:
+        """A16: ``"attention"`` trains the Q/V projections of every CLIP attention block and the
+        position embeddings of both towers; the key projections stay frozen."""
+        return self.config.clip_finetune
+
+    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """AdamW groups (Sec. 4.3): CLIP and SAM (prompt encoder, two-way layers) at
+        ``base_lr · multiplier`` (2e-6), the rest at ``base_lr`` (2e-4)."""
+        self.set_clip_finetuning_scope()
+        config = self.config
+        rates = {
+            "esc-net": base_lr,
+            "clip": base_lr * config.clip_lr_multiplier,
+            "sam": base_lr * config.sam_lr_multiplier,
+        }
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in rates}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if name.startswith("backbone."):
+                groups["clip"].append(parameter)
+            elif name.startswith("prompt_encoding.") or (
+                name.startswith("sam_blocks.") and ".layer." in name
+            ):
+                groups["sam"].append(parameter)
+            else:
+                groups["esc-net"].append(parameter)
+        return [
+            {"name": name, "params": params, "lr": rates[name], "weight_decay": config.weight_decay}
+            for name, params in groups.items()
+            if params
+        ]
 
 
-# ----------------------------------------------------------------------------------- builder
+# ------------------------------------------------------------------------------------------ builder
 
 
-def load_sam_for(
-    config: EscNetConfig,
-    device: str | torch.device | None = None,
-    *,
-    image_encoder: bool = True,
-) -> SamBackbone:
-    """The SAM an ESC-Net config names: its checkpoint (the shipped toy SAM by default), or a
-    random one of the architecture with ``sam_pretrained=False``; ``image_encoder=False`` keeps
-    only the prompt encoder and mask decoder that the head copies."""
-    if not config.sam_pretrained:
-        return build_sam(config.sam, None, device=device, image_encoder=image_encoder)
-    checkpoint = config.sam_checkpoint
-    if checkpoint is None:
-        if config.sam != "toy":
-            raise ValueError(
-                f"ESC-Net with sam={config.sam!r} needs sam_checkpoint (e.g. the official "
-                "sam_vit_b_01ec64.pth), or sam_pretrained=False for random SAM blocks."
-            )
-        checkpoint = ovseg.backbones.ASSETS_DIR / TOY_SAM_CHECKPOINT
-    try:
-        return build_sam(config.sam, checkpoint, device=device, image_encoder=image_encoder)
-    except (FileNotFoundError, ValueError) as error:
-        raise WeightsError(f"Cannot load the SAM for ESC-Net: {error}") from error
-
-
-@register_method("esc-net")
-def build_esc_net(
-    *,
-    backbone: str | ClipBackbone | None = None,
-    weights: str | None = None,
-    device: str | torch.device | None = None,
-    sam_checkpoint: str | None = None,
-    **config: Any,
-) -> EscNet:
-    """Build ESC-Net (the rules every builder follows: :mod:`ovseg.methods.builder`).
-
-    Arguments:
-        backbone: a loaded ViT :class:`ClipBackbone`, or a name or alias to load (default
-            ``config.backbone``, the ToyWorld ViT CLIP).
-        weights: a file written by :func:`~ovseg.methods.weights.save_weights`; None: the shipped
-            ``assets/esc-net-toy.safetensors`` when the CLIP is the toy ViT it was trained on.
-        device: where to build it.
-        sam_checkpoint: SAM weights (official ``.pth`` for ``sam="vit_b"``, or a
-            ``SamBackbone.save`` file); None: the shipped toy SAM when ``sam="toy"``.
-        config: any :class:`EscNetConfig` field.
-
-    Raises:
-        WeightsError: if an explicit ``weights`` file is missing or does not fit, or, without
-            head weights, the SAM checkpoint.
-    """
-    if sam_checkpoint is not None:
-        config = {**config, "sam_checkpoint": str(sam_checkpoint)}
-
-    def factory(settings: EscNetConfig, clip: ClipBackbone, head: bool) -> EscNet:
-        if head:
-            # The head file holds every SAM part ESC-Net uses (prompt encoder, two-way layers),
-            # so SAM's architecture is enough: its checkpoint is read only if the training-free
-            # path runs.
-            sam = build_sam(settings.sam, None, device=device, image_encoder=False)
-        else:
-            sam = load_sam_for(settings, device=device, image_encoder=False)
-        return EscNet(config=settings, backbone=clip, sam=sam)
-
-    return build_with_weights(
-        EscNet,
-        backbone=backbone,
-        weights=weights,
-        device=device,
-        config=config,
-        shipped=SHIPPED_WEIGHTS,
-        factory=factory,
-    )
+build_esc_net = register_method("esc-net")(
+    method_builder(EscNet, shipped=SHIPPED_WEIGHTS, factory=EscNet.from_settings)
+)

@@ -40,7 +40,6 @@ decoder's dropout acts on the attention probabilities of LCSA and on the output 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +52,8 @@ from torch import Tensor, nn
 import ovseg.backbones
 from ovseg.backbones import ClipBackbone, DenseFeatures
 from ovseg.backbones.clip import tokens_to_map
-from ovseg.errors import OptionError, OvsegError
+from ovseg.caching import LruCache
+from ovseg.errors import OptionError, UntrainedHeadError
 from ovseg.methods.attention import Mlp, MultiHeadAttention, merge_heads, split_heads
 from ovseg.methods.base import (
     IGNORE_INDEX,
@@ -61,10 +61,9 @@ from ovseg.methods.base import (
     SegmentationMethod,
     SegmentationOutput,
     VocabularyLike,
-    register_method,
 )
-from ovseg.methods.builder import build_with_weights
-from ovseg.methods.chunking import upsample_logits
+from ovseg.methods.builder import method_builder, register_method
+from ovseg.methods.chunking import class_slices, upsample_logits
 from ovseg.vocabulary import class_synonyms
 
 SHIPPED_WEIGHTS = "ldvc-toy.safetensors"
@@ -74,10 +73,6 @@ TEXT_CACHE_SIZE = 16
 NAME_CACHE_SIZE = 8192  # prompted embeddings of single names, reused across vocabularies
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class UntrainedHeadError(OvsegError, ValueError):
-    """LDVC was asked to segment without trained head weights; it has no training-free path."""
 
 
 @dataclass
@@ -208,7 +203,7 @@ class LdvcOutput(SegmentationOutput):
     unseen_logits: Tensor | None = None
 
 
-# ------------------------------------------------------------------------- prompted encoders
+# --------------------------------------------------- vision-language prompt tuning (§3.3, Eqs. 1–2)
 
 
 def _drop_path(residual: Tensor, probability: float, training: bool) -> Tensor:
@@ -297,26 +292,21 @@ class PromptedImageEncoder(nn.Module):
             )
         visual = backbone.model.visual
         batch = images.shape[0]
-        grid = (images.shape[-2] // backbone.stride, images.shape[-1] // backbone.stride)
-        patches = visual.conv1(images).flatten(2).transpose(1, 2)
-        class_token = visual.class_embedding.to(patches.dtype).expand(batch, 1, -1)
-        tokens = torch.cat([class_token, patches], dim=1)
-        positions = backbone._positional_embedding(visual, grid).to(tokens.dtype)
-        tokens = visual.ln_pre(tokens + positions)
-        count = self.num_tokens
-        if count:
+        tokens, grid = backbone.vit_input_tokens(images)
+        num_prompts = self.num_tokens
+        if num_prompts:
             tokens = torch.cat([tokens[:, :1], self._layer_prompts(0, batch), tokens[:, 1:]], 1)
         intermediates = {}
         for index, block in enumerate(visual.transformer.resblocks):
             if 0 < index < self.depth:  # Eq. 2: fresh prompts replace the previous outputs
                 prompts = self._layer_prompts(index, batch)
-                tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1 + count :]], dim=1)
+                tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1 + num_prompts :]], dim=1)
             tokens = _run_block(block, tokens, self.drop_path, self.training)
             if index in layers:
-                intermediates[f"layer{index}"] = tokens_to_map(tokens[:, 1 + count :], grid)
+                intermediates[f"layer{index}"] = tokens_to_map(tokens[:, 1 + num_prompts :], grid)
         tokens = visual.ln_post(self.norm(tokens))
         global_embedding = F.normalize(tokens[:, 0] @ visual.proj, dim=-1)
-        dense = F.normalize(tokens[:, 1 + count :] @ visual.proj, dim=-1)
+        dense = F.normalize(tokens[:, 1 + num_prompts :] @ visual.proj, dim=-1)
         return DenseFeatures(
             dense=tokens_to_map(dense, grid),
             global_embedding=global_embedding,
@@ -330,11 +320,12 @@ class PromptedImageEncoder(nn.Module):
 class PromptedTextEncoder(nn.Module):
     """The frozen CLIP text transformer with deep text prompts (Eqs. 1–2).
 
-    Token layout ``[SOS] p_1..p_K name . [EOS]``: the prompts take positions 1..K of every layer
-    (fresh ones up to ``depth``), the class tokens follow at their own positions, and the class
-    embedding is read at [EOS]. CLIP's causal mask keeps the [SOS] and prompt states independent
-    of the class name, so with "pretrain" initialisation the untrained encoder reproduces frozen
-    CLIP on ``"{template} {name}."`` exactly. The CLIP is passed to every call, not registered.
+    Token layout ``[SOS] p_1..p_Kt name . [EOS]``: the K_t prompts take positions 1..K_t of every
+    layer (fresh ones up to ``depth``), the class tokens follow at their own positions, and the
+    class embedding is read at [EOS]. CLIP's causal mask keeps the [SOS] and prompt states
+    independent of the class name, so with "pretrain" initialisation the untrained encoder
+    reproduces frozen CLIP on ``"{template} {name}."`` exactly. The CLIP is passed to every call,
+    not registered.
     """
 
     def __init__(
@@ -370,7 +361,7 @@ class PromptedTextEncoder(nn.Module):
     @torch.no_grad()
     def _template_states(self, backbone: ClipBackbone, random_prompts: Tensor) -> Tensor:
         """Per-layer hidden states of the template tokens (layer 0: token + position embedding,
-        layer i: the output of layer i−1), right-aligned in the K prompt slots; slots before a
+        layer i: the output of layer i−1), right-aligned in the K_t prompt slots; slots before a
         short template keep their random layer-0 values and are propagated like tokens."""
         model, tokenizer = backbone.model, backbone.tokenizer
         words = tokenizer.encode(self.template)
@@ -421,8 +412,8 @@ class PromptedTextEncoder(nn.Module):
         """``N`` class names → ``N×D`` L2-normalised class embeddings T (batched)."""
         return torch.cat(
             [
-                self._encode(names[start : start + TEXT_BATCH_SIZE], backbone)
-                for start in range(0, len(names), TEXT_BATCH_SIZE)
+                self._encode(names[index], backbone)
+                for index in class_slices(len(names), TEXT_BATCH_SIZE)
             ]
         )
 
@@ -430,19 +421,23 @@ class PromptedTextEncoder(nn.Module):
         model = backbone.model
         ids = self.token_ids(names, backbone)
         length = ids.shape[1]
-        slots = slice(1, 1 + self.num_tokens)
         hidden = model.token_embedding(ids) + model.positional_embedding[:length]
         mask = model.attn_mask[:length, :length]
         for index, block in enumerate(model.transformer.resblocks):
             if index < self.depth:  # Eq. 2; layer 0's prompts already hold their positions
                 prompts = self.prompts[index].to(hidden.dtype).expand(len(names), -1, -1)
-                hidden = torch.cat([hidden[:, :1], prompts, hidden[:, slots.stop :]], dim=1)
+                hidden = torch.cat(
+                    [hidden[:, :1], prompts, hidden[:, 1 + self.num_tokens :]], dim=1
+                )
             hidden = block(hidden, attn_mask=mask)
         hidden = model.ln_final(hidden)
         pooled = hidden[torch.arange(len(names), device=ids.device), ids.argmax(dim=-1)]
         projection = model.text_projection
         pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
         return F.normalize(pooled, dim=-1)
+
+
+# ----------------------------------------------------------------------------- text adapter (Eq. 3)
 
 
 class TextAdapter(nn.Module):
@@ -454,13 +449,13 @@ class TextAdapter(nn.Module):
         self.projection = nn.Linear(2 * dim, dim)
 
     def forward(self, class_embeddings: Tensor, global_embedding: Tensor) -> Tensor:
-        """T ``N×D`` and V_g ``B×D`` → T_new ``B×N×D``."""
+        """T ``K×D`` and V_g ``B×D`` → T_new ``B×K×D``."""
         classes = class_embeddings[None].expand(global_embedding.shape[0], -1, -1)
         conditioned = classes * global_embedding[:, None]
         return self.projection(torch.cat([conditioned, classes], dim=-1))
 
 
-# ---------------------------------------------------------------------------------- decoder
+# -------------------------------------------- local consensus transformer decoder (§3.4, Eqs. 4–12)
 
 
 @dataclass
@@ -477,6 +472,20 @@ class Routing:
     indices: Tensor
     affinity: Tensor
     grid: tuple[int, int]
+
+    def routed_windows(self, window: int | tuple[int, int]) -> Tensor:
+        """The ids of Eq. 10 for one query window, as ``B×m×2`` (row, column) on the window
+        grid; ``window`` is a row-major window index or its (row, column) on :attr:`grid`."""
+        rows, cols = self.grid
+        if not isinstance(window, int):
+            row, col = window
+            if not (0 <= row < rows and 0 <= col < cols):
+                raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
+            window = row * cols + col
+        if not 0 <= window < rows * cols:
+            raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
+        chosen = self.indices[:, window]
+        return torch.stack([chosen // cols, chosen % cols], dim=-1)
 
 
 def _windows(tokens: Tensor, size: int) -> Tensor:
@@ -539,8 +548,8 @@ class RouteAttention(nn.Module):
         descriptors = F.avg_pool2d(tokens.permute(0, 3, 1, 2), size)  # Eq. 8
         descriptors = descriptors.flatten(2).transpose(1, 2)  # B×S_w×D
         affinity = descriptors @ descriptors.transpose(1, 2)  # Eq. 10
-        count = min(top_m or self.top_m, grid[0] * grid[1])
-        indices = affinity.detach().topk(count, dim=-1).indices
+        routed = min(top_m or self.top_m, grid[0] * grid[1])
+        indices = affinity.detach().topk(routed, dim=-1).indices
         return Routing(indices=indices, affinity=affinity.detach(), grid=grid)
 
     def forward(self, tokens: Tensor, *, top_m: int | None = None) -> tuple[Tensor, Routing | None]:
@@ -559,9 +568,9 @@ class RouteAttention(nn.Module):
         routing = self.routing(tokens, top_m)
         size = self.window_size
         query, key, value = (_windows(t, size) for t in (query, key, value))  # B×S_w×n²×D
-        image = torch.arange(batch, device=tokens.device)[:, None, None]
-        routed_keys = key[image, routing.indices].flatten(2, 3)  # Eq. 11: B×S_w×m·n²×D
-        routed_values = value[image, routing.indices].flatten(2, 3)
+        batch_index = torch.arange(batch, device=tokens.device)[:, None, None]
+        routed_keys = key[batch_index, routing.indices].flatten(2, 3)  # Eq. 11: B×S_w×m·n²×D
+        routed_values = value[batch_index, routing.indices].flatten(2, 3)
         q, k, v = (split_heads(t, self.heads) for t in (query, routed_keys, routed_values))
         attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # Eq. 12
         merged = _unwindow(merge_heads(attended), size, routing.grid)
@@ -627,26 +636,26 @@ class LocalConsensusBlock(nn.Module):
         Arguments:
             tokens: V_in ``B×h×w×D``.
             clip_features: V_j ``B×C×h×w``, this block's intermediate CLIP tokens.
-            anchors: T_new ``B×N×D`` (read, never updated).
+            anchors: T_new ``B×K×D`` (read, never updated).
             top_m: override of m for this call.
-            return_attention: also return the cross-attention ``B×heads×(h·w)×N``.
+            return_attention: also return the cross-attention ``B×heads×(h·w)×K``.
 
         Returns:
             V_out ``B×h×w×D``, the LCSA routing (None without routing) and the cross-attention.
         """
         batch, height, width, channels = tokens.shape
         tokens = tokens + self.feature_projection(clip_features).permute(0, 2, 3, 1)  # Eq. 4
-        attended, routing = self.self_attention(self.norm1(tokens), top_m=top_m)
-        tokens = tokens + self.dropout(attended)  # Eq. 5
+        consensus, routing = self.self_attention(self.norm1(tokens), top_m=top_m)
+        tokens = tokens + self.dropout(consensus)  # Eq. 5
         queries = self.norm2(tokens).flatten(1, 2)
         keys = self.norm3(anchors)
-        crossed = self.cross_attention(queries, keys, return_attention=return_attention)
-        weights = None
+        guided = self.cross_attention(queries, keys, return_attention=return_attention)
+        attention = None
         if return_attention:
-            crossed, weights = crossed
-        tokens = tokens + self.dropout(crossed.view(batch, height, width, channels))  # Eq. 6
+            guided, attention = guided
+        tokens = tokens + self.dropout(guided.view(batch, height, width, channels))  # Eq. 6
         tokens = tokens + self.dropout(self.mlp(self.norm4(tokens)))  # Eq. 7
-        return tokens, routing, weights
+        return tokens, routing, attention
 
 
 def _default_inter_layers(depth: int, blocks: int) -> tuple[int, ...]:
@@ -656,91 +665,7 @@ def _default_inter_layers(depth: int, blocks: int) -> tuple[int, ...]:
     return tuple(max(0, depth - 1 - spacing * (blocks - 1 - block)) for block in range(blocks))
 
 
-# ------------------------------------------------------------------------------------- loss
-
-
-def _mean_over_ranks(count: Tensor) -> Tensor:
-    """The mean of ``count`` over DDP ranks (itself outside DDP): every rank divides by the same
-    normaliser, so a rank whose crops hold few masks does not weigh its loss up (Mask2Former,
-    ZegCLIP: all-reduce, then divide by the world size)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return count
-    count = count.clone()
-    dist.all_reduce(count)
-    return count / dist.get_world_size()
-
-
-def focal_dice_loss(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    focal_weight: float = 100.0,
-    dice_weight: float = 1.0,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    ignore_as_negative: bool = True,
-) -> dict[str, Tensor]:
-    """ZegCLIP's sigmoid focal + dice loss over one-hot class maps (spec §4.2).
-
-    Arguments:
-        logits: ``B×N×H×W`` score maps at the target resolution.
-        target: ``B×H×W`` class indices, ``IGNORE_INDEX`` where unlabelled.
-        focal_weight, dice_weight: the weights of the two terms (100 and 1).
-        alpha, gamma: focal-loss parameters.
-        ignore_as_negative: ignored pixels count as negatives of every class in the focal term;
-            False leaves them out of it (the dice term always counts every pixel).
-
-    Returns:
-        ``loss_focal`` and ``loss_dice``, both already weighted. Each focal map is averaged over
-        its pixels; focal maps are summed over all ``B×N`` maps and dice over the maps of the
-        classes present; both are divided by ``num_masks``, the present (image, class) pairs,
-        averaged over DDP ranks and at least 1.
-    """
-    classes = torch.arange(logits.shape[1], device=target.device)
-    onehot = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)  # B×N×H×W
-    present = onehot.flatten(2).amax(dim=-1)  # B×N
-    num_masks = _mean_over_ranks(present.detach().float().sum()).clamp_min(1.0)
-    probability = logits.sigmoid()
-    cross_entropy = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-    p_t = probability * onehot + (1 - probability) * (1 - onehot)
-    alpha_t = alpha * onehot + (1 - alpha) * (1 - onehot)
-    focal = alpha_t * cross_entropy * (1 - p_t) ** gamma
-    if ignore_as_negative:
-        focal_maps = focal.flatten(2).mean(dim=-1)
-    else:
-        labelled = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
-        focal_maps = (focal * labelled).flatten(2).sum(-1) / labelled.flatten(2).sum(-1).clamp_min(
-            1.0
-        )
-    overlap = (probability * onehot).flatten(2).sum(-1)
-    total = probability.flatten(2).sum(-1) + onehot.flatten(2).sum(-1)
-    dice_maps = 1 - (2 * overlap + 1) / (total + 1)
-    return {
-        "loss_focal": focal_weight * focal_maps.sum() / num_masks,
-        "loss_dice": dice_weight * (dice_maps * present).sum() / num_masks,
-    }
-
-
 # ------------------------------------------------------------------------------------ model
-
-
-def routed_windows(routing: Routing, window: int | tuple[int, int]) -> Tensor:
-    """The windows one window attends to, as ``B×m×2`` (row, column) on the window grid.
-
-    Arguments:
-        routing: a block's :class:`Routing` (``intermediates["routing"][block]``).
-        window: a row-major window index or its (row, column) on the ``routing.grid``.
-    """
-    rows, cols = routing.grid
-    if not isinstance(window, int):
-        row, col = window
-        if not (0 <= row < rows and 0 <= col < cols):
-            raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
-        window = row * cols + col
-    if not 0 <= window < rows * cols:
-        raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
-    chosen = routing.indices[:, window]
-    return torch.stack([chosen // cols, chosen % cols], dim=-1)
 
 
 class Ldvc(SegmentationMethod):
@@ -833,8 +758,8 @@ class Ldvc(SegmentationMethod):
             )
         self.register_buffer("image_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self._text_cache: OrderedDict[tuple, Tensor] = OrderedDict()
-        self._name_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._text_cache: LruCache[Tensor] = LruCache(TEXT_CACHE_SIZE)
+        self._name_cache: LruCache[Tensor] = LruCache(NAME_CACHE_SIZE)
 
     def _init_head(self) -> None:
         """Trunc-normal(0.02) Linear and Conv weights with zero biases (ZegCLIP); the prompts
@@ -848,35 +773,157 @@ class Ldvc(SegmentationMethod):
                     nn.init.trunc_normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
 
-    # ----------------------------------------------------------------------------- training
-    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
-        """AdamW groups: every trainable tensor (visual prompts, text prompts, adapter, decoder)
-        at ``base_lr`` (2e-4): no zero multiplier that would freeze the text prompts (spec §4.1).
-        Prompts, Linear and Conv weights decay by ``config.weight_decay``; norms, biases and the
-        logit scale do not."""
-        decay = self.config.weight_decay
-        names = {
-            "image_encoder.": "visual_prompts",
-            "text_encoder.": "text_prompts",
-            "text_adapter.": "text_adapter",
-        }
-        groups: dict[tuple[str, bool], list[Tensor]] = {}
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            group = next((g for prefix, g in names.items() if name.startswith(prefix)), "decoder")
-            decays = name.endswith("prompts") or (name.endswith(".weight") and parameter.ndim > 1)
-            groups.setdefault((group, decays), []).append(parameter)
-        return [
-            {
-                "name": group if decays else f"{group}_no_decay",
-                "params": params,
-                "lr": base_lr,
-                "weight_decay": decay if decays else 0.0,
-            }
-            for (group, decays), params in groups.items()
-        ]
+    def clear_caches(self) -> None:
+        super().clear_caches()
+        self._text_cache.clear()
+        self._name_cache.clear()
 
+    # ----------------------------------------------------------------- prompted encoders (Eqs. 1–2)
+    def encode_image(self, images: Tensor) -> DenseFeatures:
+        """``B×3×H×W`` images in [0, 1] → prompted CLIP features: V_l ``B×D×h×w`` and V_g
+        ``B×D`` (L2-normalised) and the intermediate tokens V_j ``B×width×h×w`` of
+        ``inter_layers`` (``"layer{i}"``)."""
+        normalised = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
+        return self.image_encoder(normalised, self.backbone, self.inter_layers)
+
+    def encode_classes(self, vocabulary: VocabularyLike) -> Tensor:
+        """T ``K×D``: the prompted text embeddings of each class's synonyms, summed and
+        L2-normalised.
+
+        Without a gradient into the prompts, vocabularies and single names are cached by the
+        prompts' version, so a vocabulary edit encodes only its new names.
+        """
+        classes = class_synonyms(vocabulary)
+        prompts = self.text_encoder.prompts
+        needs_grad = torch.is_grad_enabled() and prompts.requires_grad and prompts.numel() > 0
+        version = (prompts._version, prompts.data_ptr(), prompts.device, prompts.dtype)
+        key = (classes, *version)
+        if not needs_grad and key in self._text_cache:
+            return self._text_cache.get(key)
+        names = [name for synonyms in classes for name in synonyms]
+        owners = torch.tensor(
+            [index for index, synonyms in enumerate(classes) for _ in synonyms],
+            device=prompts.device,
+        )
+        with torch.set_grad_enabled(needs_grad):
+            if needs_grad:
+                embeddings = self.text_encoder(names, self.backbone)
+            else:
+                rows = self._name_cache.rows(
+                    [(name, *version) for name in names],
+                    lambda missing: self.text_encoder([k[0] for k in missing], self.backbone),
+                )
+                embeddings = torch.stack(rows)
+            summed = embeddings.new_zeros(len(classes), embeddings.shape[-1])
+            text = F.normalize(summed.index_add(0, owners, embeddings), dim=-1)
+        if not needs_grad:
+            self._text_cache.put(key, text)
+        return text
+
+    # --------------------------------------------------------------------- forward pass (Eqs. 3–13)
+    def segment(
+        self,
+        image_features: DenseFeatures,
+        vocabulary: VocabularyLike,
+        *,
+        return_intermediates: bool = False,
+        target: Tensor | None = None,
+        **options: Any,
+    ) -> LdvcOutput:
+        """Score every token against the image-conditioned class embeddings (Eqs. 3–13).
+
+        Arguments:
+            image_features: what :meth:`encode_image` returned.
+            vocabulary: ``K`` class names or synonym tuples.
+            return_intermediates: also return ``class_embeddings`` T ``K×D``,
+                ``conditioned_class_embeddings`` T_new ``B×K×D``, ``visual_features`` V_l and
+                ``decoded_features`` V_o ``B×D×h×w``, ``score_map`` S ``B×K×h×w``, and per
+                block its ``cross_attention`` ``B×heads×(h·w)×K`` and LCSA ``routing``
+                (:class:`Routing`, None without LCSA).
+            target: unused (LDVC trains the same way on every vocabulary).
+            options: ``top_m`` (override m), ``seen_classes`` (names) and ``seen_prob_offset``
+                (subtracted from their sigmoid probabilities; the scores are then calibrated
+                probabilities instead of logits).
+
+        Raises:
+            UntrainedHeadError: in eval mode without trained head weights.
+        """
+        unknown = set(options) - set(SEGMENT_OPTIONS)
+        if unknown:
+            raise OptionError(
+                f"Unknown ldvc option(s) {sorted(unknown)}; known: {SEGMENT_OPTIONS}."
+            )
+        if not (self.trained_head or self.training):
+            raise UntrainedHeadError(
+                "LDVC has no training-free path and this model has no trained head weights "
+                f"(the shipped {ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS}, if present, fits "
+                "only the shipped toy CLIP, not a random or other one). Train one with "
+                "`python training/train.py --config training/configs/ldvc-toy.json`, then load it "
+                "with ovseg.load('ldvc', weights=...)."
+            )
+        classes = class_synonyms(vocabulary)
+        # Transductive self-training scores the unseen names too, after the vocabulary's classes.
+        unseen_names: tuple[str, ...] = ()
+        if self.training and self.config.self_training:
+            vocabulary_names = {name for synonyms in classes for name in synonyms}
+            unseen_names = tuple(
+                name for name in self.config.unseen_classes if name not in vocabulary_names
+            )
+        class_embeddings = self.encode_classes(classes + tuple((name,) for name in unseen_names))
+        global_embedding = image_features.global_embedding
+        if self.text_adapter is not None:
+            anchors = self.text_adapter(class_embeddings, global_embedding)  # Eq. 3: T_new
+        else:
+            anchors = class_embeddings[None].expand(global_embedding.shape[0], -1, -1)
+
+        tokens = image_features.dense.permute(0, 2, 3, 1)  # V_l, B×h×w×D
+        routings, attentions = [], []
+        for block, layer in zip(self.blocks, self.inter_layers, strict=True):  # Eqs. 4–12
+            tokens, routing, attention = block(
+                tokens,
+                image_features.intermediates[f"layer{layer}"],
+                anchors,
+                top_m=options.get("top_m"),
+                return_attention=return_intermediates,
+            )
+            routings.append(routing)
+            attentions.append(attention)
+        decoded = tokens if self.final_norm is None else self.final_norm(tokens)  # V_o
+        if self.logit_scale is not None:
+            scores = torch.einsum(
+                "bkd,bhwd->bkhw", F.normalize(anchors, dim=-1), F.normalize(decoded, dim=-1)
+            )
+            scores = scores * self.logit_scale.exp()
+        else:
+            scores = torch.einsum("bkd,bhwd->bkhw", anchors, decoded)  # Eq. 13: S = T_new V_oᵀ
+        logits = upsample_logits(scores[:, : len(classes)], image_features.input_size)
+        offset = options.get("seen_prob_offset", self.config.seen_prob_offset)
+        seen = options.get("seen_classes")
+        if offset and seen:
+            seen_names = set(seen)
+            is_seen = torch.tensor(
+                [any(name in seen_names for name in synonyms) for synonyms in classes],
+                device=logits.device,
+            )
+            logits = logits.sigmoid() - offset * is_seen.to(logits.dtype)[None, :, None, None]
+        intermediates = {}
+        if return_intermediates:
+            intermediates = {
+                "class_embeddings": class_embeddings,
+                "conditioned_class_embeddings": anchors,
+                "visual_features": image_features.dense,
+                "decoded_features": decoded.permute(0, 3, 1, 2),
+                "score_map": scores,
+                "cross_attention": attentions,
+                "routing": routings,
+            }
+        return LdvcOutput(
+            logits=logits,
+            intermediates=intermediates,
+            unseen_logits=scores[:, len(classes) :] if unseen_names else None,
+        )
+
+    # -------------------------------------------------------------------------- loss (focal + dice)
     def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
         """Focal + dice (weights 100 and 1) on the score maps upsampled to the target size.
 
@@ -905,224 +952,104 @@ class Ldvc(SegmentationMethod):
             ignore_as_negative=self.config.ignore_as_negative,
         )
 
-    # ------------------------------------------------------------------------------ images
-    def _uses_head(self) -> bool:
-        return self.trained_head or self.training
-
-    def clear_caches(self) -> None:
-        super().clear_caches()
-        self._text_cache.clear()
-        self._name_cache.clear()
-
-    def encode_image(self, images: Tensor) -> DenseFeatures:
-        """``B×3×H×W`` images in [0, 1] → prompted CLIP features: V_l ``B×D×h×w`` and V_g
-        ``B×D`` (L2-normalised) and the intermediate tokens V_j ``B×width×h×w`` of
-        ``inter_layers`` (``"layer{i}"``)."""
-        normalised = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
-        return self.image_encoder(normalised, self.backbone, self.inter_layers)
-
-    # -------------------------------------------------------------------------------- text
-    def encode_classes(self, vocabulary: VocabularyLike) -> Tensor:
-        """T ``K×D``: L2-normalised prompted text embeddings (synonyms averaged).
-
-        Cached by vocabulary and prompt version when no gradient flows into the prompts.
-        """
-        classes = class_synonyms(vocabulary)
-        prompts = self.text_encoder.prompts
-        needs_grad = torch.is_grad_enabled() and prompts.requires_grad and prompts.numel() > 0
-        key = (classes, prompts._version, prompts.data_ptr(), prompts.device, prompts.dtype)
-        if not needs_grad and key in self._text_cache:
-            self._text_cache.move_to_end(key)
-            return self._text_cache[key]
-        names = [name for synonyms in classes for name in synonyms]
-        owners = torch.tensor(
-            [index for index, synonyms in enumerate(classes) for _ in synonyms],
-            device=prompts.device,
-        )
-        with torch.set_grad_enabled(needs_grad):
-            if needs_grad:
-                embeddings = self.text_encoder(names, self.backbone)
-            else:
-                embeddings = self._cached_names(names, key[1:])
-            summed = embeddings.new_zeros(len(classes), embeddings.shape[-1])
-            text = F.normalize(summed.index_add(0, owners, embeddings), dim=-1)
-        if not needs_grad:
-            self._text_cache[key] = text
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-        return text
-
-    def _cached_names(self, names: list[str], version: tuple) -> Tensor:
-        """The text encoder's ``N×D`` output for ``names``, encoding only names not cached yet
-        (each name is encoded on its own, so a vocabulary edit costs only its new names)."""
-        missing = list(dict.fromkeys(n for n in names if (n, *version) not in self._name_cache))
-        if missing:
-            for name, embedding in zip(
-                missing, self.text_encoder(missing, self.backbone), strict=True
-            ):
-                self._name_cache[(name, *version)] = embedding
-        rows = []
-        for name in names:
-            self._name_cache.move_to_end((name, *version))
-            rows.append(self._name_cache[(name, *version)])
-        while len(self._name_cache) > max(NAME_CACHE_SIZE, len(set(names))):
-            self._name_cache.popitem(last=False)
-        return torch.stack(rows)
-
-    # ------------------------------------------------------------------------------ segment
-    def segment(
-        self,
-        image_features: DenseFeatures,
-        vocabulary: VocabularyLike,
-        *,
-        return_intermediates: bool = False,
-        target: Tensor | None = None,
-        **options: Any,
-    ) -> LdvcOutput:
-        """Score every token against the image-conditioned class embeddings (Eqs. 3–13).
-
-        Arguments:
-            image_features: what :meth:`encode_image` returned.
-            vocabulary: ``K`` class names or synonym tuples.
-            return_intermediates: also return T, T_new, V_l, V_o, the score map S, every block's
-                cross-attention and LCSA routing (see :meth:`_intermediates`).
-            target: unused (LDVC trains the same way on every vocabulary).
-            options: ``top_m`` (override m), ``seen_classes`` (names) and ``seen_prob_offset``
-                (subtracted from their sigmoid probabilities; the scores are then calibrated
-                probabilities instead of logits).
-
-        Raises:
-            UntrainedHeadError: in eval mode without trained head weights.
-        """
-        unknown = set(options) - set(SEGMENT_OPTIONS)
-        if unknown:
-            raise OptionError(
-                f"Unknown ldvc option(s) {sorted(unknown)}; known: {SEGMENT_OPTIONS}."
-            )
-        if not self._uses_head():
-            raise UntrainedHeadError(
-                "LDVC has no training-free path and this model has no trained head weights "
-                f"(the shipped {ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS}, if present, fits "
-                "only the shipped toy CLIP, not a random or other one). Train one with "
-                "`python training/train.py --config training/configs/ldvc-toy.json`, then load it "
-                "with ovseg.load('ldvc', weights=...)."
-            )
-        classes = class_synonyms(vocabulary)
-        extra: tuple[str, ...] = ()
-        if self.training and self.config.self_training:
-            known = {name for synonyms in classes for name in synonyms}
-            extra = tuple(name for name in self.config.unseen_classes if name not in known)
-        class_embeddings = self.encode_classes(classes + tuple((name,) for name in extra))
-        global_embedding = image_features.global_embedding
-        if self.text_adapter is not None:
-            anchors = self.text_adapter(class_embeddings, global_embedding)  # Eq. 3
-        else:
-            anchors = class_embeddings[None].expand(global_embedding.shape[0], -1, -1)
-
-        tokens = image_features.dense.permute(0, 2, 3, 1)  # V_l, B×h×w×D
-        routings, attentions = [], []
-        for block, layer in zip(self.blocks, self.inter_layers, strict=True):
-            tokens, routing, attention = block(
-                tokens,
-                image_features.intermediates[f"layer{layer}"],
-                anchors,
-                top_m=options.get("top_m"),
-                return_attention=return_intermediates,
-            )
-            routings.append(routing)
-            attentions.append(attention)
-        decoded = tokens if self.final_norm is None else self.final_norm(tokens)
-        if self.logit_scale is not None:
-            scores = torch.einsum(
-                "bnd,bhwd->bnhw", F.normalize(anchors, dim=-1), F.normalize(decoded, dim=-1)
-            )
-            scores = scores * self.logit_scale.exp()
-        else:
-            scores = torch.einsum("bnd,bhwd->bnhw", anchors, decoded)  # Eq. 13
-        vocabulary_scores = scores[:, : len(classes)]
-        logits = upsample_logits(vocabulary_scores, image_features.input_size)
-        offset = options.get("seen_prob_offset", self.config.seen_prob_offset)
-        seen = options.get("seen_classes")
-        if offset and seen:
-            names = set(seen)
-            is_seen = torch.tensor(
-                [any(name in names for name in synonyms) for synonyms in classes],
-                device=logits.device,
-            )
-            logits = logits.sigmoid() - offset * is_seen.to(logits.dtype)[None, :, None, None]
-        intermediates = {}
-        if return_intermediates:
-            intermediates = self._intermediates(
-                image_features, class_embeddings, anchors, decoded, scores, routings, attentions
-            )
-        return LdvcOutput(
-            logits=logits,
-            intermediates=intermediates,
-            unseen_logits=scores[:, len(classes) :] if extra else None,
-        )
-
-    def _intermediates(
-        self,
-        image_features: DenseFeatures,
-        class_embeddings: Tensor,
-        anchors: Tensor,
-        decoded: Tensor,
-        scores: Tensor,
-        routings: list[Routing | None],
-        attentions: list[Tensor],
-    ) -> dict[str, Any]:
-        """The demo's view: ``class_embeddings`` T ``K×D``, ``conditioned_class_embeddings``
-        T_new ``B×K×D``, ``visual_features`` V_l and ``decoded_features`` V_o ``B×D×h×w``,
-        ``score_map`` S ``B×K×h×w``, ``cross_attention`` (per block ``B×heads×(h·w)×K``),
-        ``class_attention_maps`` (last block, head-averaged, ``B×K×h×w``: Fig. 1),
-        ``routing`` (per block :class:`Routing`, None without LCSA; see :func:`routed_windows`)
-        and ``window_size``."""
-        grid = tuple(image_features.dense.shape[-2:])
-        last = attentions[-1] if attentions else None
-        class_maps = None
-        if last is not None:
-            class_maps = last.mean(dim=1).transpose(1, 2).reshape(last.shape[0], -1, *grid)
-        return {
-            "class_embeddings": class_embeddings,
-            "conditioned_class_embeddings": anchors,
-            "visual_features": image_features.dense,
-            "decoded_features": decoded.permute(0, 3, 1, 2),
-            "score_map": scores,
-            "cross_attention": attentions,
-            "class_attention_maps": class_maps,
-            "routing": routings,
-            "window_size": self.config.window_size,
+    # ------------------------------------------------------------------------ optimiser
+    def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """AdamW groups: every trainable tensor (visual prompts, text prompts, adapter, decoder)
+        at ``base_lr`` (2e-4): no zero multiplier that would freeze the text prompts (spec §4.1).
+        Prompts, Linear and Conv weights decay by ``config.weight_decay``; norms, biases and the
+        logit scale do not."""
+        decay = self.config.weight_decay
+        group_of_prefix = {
+            "image_encoder.": "visual_prompts",
+            "text_encoder.": "text_prompts",
+            "text_adapter.": "text_adapter",
         }
+        groups: dict[tuple[str, bool], list[Tensor]] = {}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            group = next(
+                (g for prefix, g in group_of_prefix.items() if name.startswith(prefix)), "decoder"
+            )
+            decays = name.endswith("prompts") or (name.endswith(".weight") and parameter.ndim > 1)
+            groups.setdefault((group, decays), []).append(parameter)
+        return [
+            {
+                "name": group if decays else f"{group}_no_decay",
+                "params": params,
+                "lr": base_lr,
+                "weight_decay": decay if decays else 0.0,
+            }
+            for (group, decays), params in groups.items()
+        ]
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def _mean_over_ranks(count: Tensor) -> Tensor:
+    """The mean of ``count`` over DDP ranks (itself outside DDP): every rank divides by the same
+    normaliser, so a rank whose crops hold few masks does not weigh its loss up (Mask2Former,
+    ZegCLIP: all-reduce, then divide by the world size)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return count
+    count = count.clone()
+    dist.all_reduce(count)
+    return count / dist.get_world_size()
+
+
+def focal_dice_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    focal_weight: float = 100.0,
+    dice_weight: float = 1.0,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    ignore_as_negative: bool = True,
+) -> dict[str, Tensor]:
+    """ZegCLIP's sigmoid focal + dice loss over one-hot class maps (spec §4.2).
+
+    Arguments:
+        logits: ``B×K×H×W`` score maps at the target resolution.
+        target: ``B×H×W`` class indices, ``IGNORE_INDEX`` where unlabelled.
+        focal_weight, dice_weight: the weights of the two terms (100 and 1).
+        alpha, gamma: focal-loss parameters.
+        ignore_as_negative: ignored pixels count as negatives of every class in the focal term;
+            False leaves them out of it (the dice term always counts every pixel).
+
+    Returns:
+        ``loss_focal`` and ``loss_dice``, both already weighted. Each focal map is averaged over
+        its pixels; focal maps are summed over all ``B×K`` maps and dice over the maps of the
+        classes present; both are divided by ``num_masks``, the present (image, class) pairs,
+        averaged over DDP ranks and at least 1.
+    """
+    classes = torch.arange(logits.shape[1], device=target.device)
+    onehot = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)  # B×K×H×W
+    present = onehot.flatten(2).amax(dim=-1)  # B×K
+    num_masks = _mean_over_ranks(present.detach().float().sum()).clamp_min(1.0)
+    probability = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    p_t = probability * onehot + (1 - probability) * (1 - onehot)
+    alpha_t = alpha * onehot + (1 - alpha) * (1 - onehot)
+    focal = alpha_t * cross_entropy * (1 - p_t) ** gamma
+    if ignore_as_negative:
+        focal_maps = focal.flatten(2).mean(dim=-1)
+    else:
+        labelled = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
+        focal_maps = (focal * labelled).flatten(2).sum(-1) / labelled.flatten(2).sum(-1).clamp_min(
+            1.0
+        )
+    overlap = (probability * onehot).flatten(2).sum(-1)
+    total = probability.flatten(2).sum(-1) + onehot.flatten(2).sum(-1)
+    dice_maps = 1 - (2 * overlap + 1) / (total + 1)
+    return {
+        "loss_focal": focal_weight * focal_maps.sum() / num_masks,
+        "loss_dice": dice_weight * (dice_maps * present).sum() / num_masks,
+    }
 
 
 # ----------------------------------------------------------------------------------- builder
 
 
-@register_method("ldvc")
-def build_ldvc(
-    *,
-    backbone: str | ClipBackbone | None = None,
-    weights: str | None = None,
-    device: str | torch.device | None = None,
-    **config: Any,
-) -> Ldvc:
-    """Build LDVC (the rules every builder follows: :mod:`ovseg.methods.builder`).
-
-    Arguments:
-        backbone: a loaded ViT :class:`ClipBackbone`, or a name or alias to load (default
-            ``config.backbone``, the ToyWorld ViT CLIP).
-        weights: a file written by :func:`~ovseg.methods.weights.save_weights`; None: the shipped
-            ``assets/ldvc-toy.safetensors`` when the CLIP is the toy ViT it was trained on.
-        device: where to build it.
-        config: any :class:`LdvcConfig` field.
-
-    Without a trained head LDVC trains but refuses to segment (``trained_head=False``).
-    """
-    return build_with_weights(
-        Ldvc,
-        backbone=backbone,
-        weights=weights,
-        device=device,
-        config=config,
-        shipped=SHIPPED_WEIGHTS,
-    )
+build_ldvc = register_method("ldvc")(method_builder(Ldvc, shipped=SHIPPED_WEIGHTS))

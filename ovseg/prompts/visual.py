@@ -35,7 +35,6 @@ import os
 import re
 import uuid
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +44,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ovseg.caching import LruCache, WeightsFingerprint
 from ovseg.errors import OvsegError
 
 __all__ = [
@@ -56,8 +56,10 @@ __all__ = [
     "BlackPromptImageError",
     "MissingVisualPromptsError",
     "NoisyPromptGenerator",
+    "PromptEncoderId",
     "PromptEntry",
     "PromptGallery",
+    "PromptMemo",
     "StableDiffusionGenerator",
     "ToyWorldSpriteGenerator",
     "VisualPromptBank",
@@ -66,6 +68,7 @@ __all__ = [
     "VisualPromptGenerator",
     "add_prompt_noise",
     "is_black_image",
+    "make_generator",
 ]
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -532,6 +535,40 @@ class ToyWorldSpriteGenerator:
         )
 
 
+def make_generator(
+    generator: str | VisualPromptGenerator,
+    *,
+    resolution: int,
+    dtype: str | None = None,
+    noise: float = 0.0,
+) -> VisualPromptGenerator:
+    """The generator a ``prompt_generator`` setting names, with Table 5's noise mixed in.
+
+    Arguments:
+        generator: "toyworld", "sd15", "sd3", a diffusers model id or folder, or a generator.
+        resolution: side of the images (of a named generator).
+        dtype: what a diffusers generator draws in ("float16", "bfloat16", "float32"; None: its
+            default).
+        noise: Gaussian noise mixed into every image (:class:`NoisyPromptGenerator`; 0: none).
+    """
+    if generator == "layerdiffuse":
+        raise ValueError(
+            "LayerDiffuse (Table 5) has no diffusers pipeline; generate its images "
+            "elsewhere and pass a VisualPromptGenerator that returns them."
+        )
+    if generator == "toyworld":
+        generator = ToyWorldSpriteGenerator(resolution=resolution)
+    elif isinstance(generator, str):
+        generator = StableDiffusionGenerator(
+            model=generator,
+            resolution=resolution,
+            dtype=getattr(torch, dtype) if dtype else None,
+        )
+    if noise > 0:
+        generator = NoisyPromptGenerator(generator, noise=noise)
+    return generator
+
+
 def _normalise_name(name: str) -> str:
     return " ".join(name.casefold().split())
 
@@ -626,7 +663,7 @@ class VisualPromptBank:
         self.resolution = resolution or generator.resolution
         self.batch_size = batch_size
         self.progress = progress
-        self._memory: OrderedDict[str, tuple[Tensor, tuple[Tensor, ...]]] = OrderedDict()
+        self._memory: LruCache[tuple[Tensor, tuple[Tensor, ...]]] = LruCache(MEMORY_CACHE_ENTRIES)
 
     @property
     def encoder_id(self) -> str:
@@ -886,9 +923,9 @@ class VisualPromptBank:
         self, entry: PromptEntry, encoder_id: str
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         key = self._embedding_key(entry, encoder_id)
-        if key in self._memory:
-            self._memory.move_to_end(key)
-            return self._memory[key]
+        item = self._memory.get(key)
+        if item is not None:
+            return item
         path = self.embedding_path(entry, encoder_id)
         tensors = _read_embedding(path, entry)
         if tensors is None:
@@ -902,11 +939,76 @@ class VisualPromptBank:
         stages = sorted(
             (name for name in tensors if name.startswith("pooled")), key=lambda n: int(n[6:])
         )
-        item = (tensors["embedding"], tuple(tensors[name] for name in stages))
-        self._memory[key] = item
-        while len(self._memory) > MEMORY_CACHE_ENTRIES:
-            self._memory.popitem(last=False)
-        return item
+        return self._memory.put(
+            key, (tensors["embedding"], tuple(tensors[name] for name in stages))
+        )
+
+
+class PromptEncoderId:
+    """A frozen prompt encoder's part of the bank's embedding keys: ``"<CLIP name>@<digest>"``,
+    the digest being the first 16 hex digits of the SHA-256 of the encoder's weights (hashed again
+    only when they change: a bank read with other weights is encoded again, never reused)."""
+
+    def __init__(self, clip_name: str, encoder: nn.Module) -> None:
+        """
+        Arguments:
+            clip_name: the name of the CLIP the encoder is a copy of.
+            encoder: the frozen image tower that encodes the prompts.
+        """
+        self.clip_name = clip_name
+        self.encoder = encoder
+        self._fingerprint = WeightsFingerprint()
+
+    def __call__(self) -> str:
+        return f"{self.clip_name}@{self._fingerprint(self.encoder)}"
+
+
+class PromptMemo:
+    """The visual prompts of the last few vocabularies, on a model's device and in its dtype.
+
+    A repeated vocabulary (the next image of a demo user, every step of a training run) skips
+    reading, stacking and moving the bank's entries. The key holds everything the bank's answer
+    depends on: the vocabulary, templates and prompt count, the encoder's weights, the generator,
+    and the bank's seed (which picks the images) and resolution (at which they are encoded), both
+    of which can be set on a ready bank.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self._cache: LruCache[VisualPromptEmbeddings] = LruCache(max_entries)
+
+    def embeddings(
+        self,
+        bank: VisualPromptBank,
+        vocabulary: Sequence[str | Sequence[str]],
+        templates: Sequence[str],
+        prompts_per_class: int | None,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> VisualPromptEmbeddings:
+        """:meth:`VisualPromptBank.embeddings` on ``device`` in ``dtype``, remembered."""
+        key = (
+            tuple(tuple([c] if isinstance(c, str) else c) for c in vocabulary),
+            tuple(templates),
+            prompts_per_class,
+            bank.encoder_id,
+            bank.generator.id,
+            bank.seed,
+            bank.resolution,
+            device,
+            dtype,
+        )
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        # Built outside inference mode so that the remembered tensors can enter a later training
+        # step.
+        with torch.inference_mode(False):
+            prompts = bank.embeddings(vocabulary, templates, prompts_per_class).to(device, dtype)
+        return self._cache.put(key, prompts)
+
+    def clear(self) -> None:
+        self._cache.clear()
 
 
 def _entry_metadata(entry: PromptEntry) -> dict[str, str]:
