@@ -9,18 +9,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+import torch
 
 import ovseg
 from ovseg.backbones import load_backbone
 
 
+# Seeded, so that a test sees the same random weights whichever test asked for them first.
 @pytest.fixture(scope="session")
 def toy_vit():
+    torch.manual_seed(0)
     return load_backbone("toy-vit", "random")
 
 
 @pytest.fixture(scope="session")
 def toy_convnext():
+    torch.manual_seed(1)
     return load_backbone("toy-convnext", "random")
 
 
