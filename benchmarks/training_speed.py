@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class TrainingConfig:
     """One shipped training command, as a function of the run folder, steps and threads.
 
-    ``scenes_per_step`` is the batch the command sets (0 for a head: its JSON config says).
+    ``scenes_per_step`` is the batch the command sets (0 for a head: its JSON config says). Every
+    script writes ``train_log.csv`` into its run folder.
     """
 
     name: str
@@ -50,40 +51,37 @@ class TrainingConfig:
         raise NotImplementedError
 
     def log(self, run: Path) -> Path:
-        raise NotImplementedError
+        return run / "run" / "train_log.csv"
 
 
 @dataclass(frozen=True)
-class ClipConfig(TrainingConfig):
+class PretrainConfig(TrainingConfig):
+    """A pretraining script (training/common.py's budget options), with its own batch flag and
+    the flags that make its final evaluation as small as it allows."""
+
+    script: str = ""
+    batch_flag: str = ""
+    small_evaluation: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
 
     def command(self, run: Path, steps: int, threads: int) -> list[str]:
         return [
-            "training/pretrain_clip.py",
-            *self.extra,
+            self.script, *self.extra, *self.small_evaluation,
             "--out", str(run / "model"), "--run-dir", str(run / "run"),
             "--steps", str(steps), "--threads", str(threads),
-            "--batch-size", str(self.scenes_per_step), "--checkpoint-every", "100000",
-            "--eval-images-per-class", "1",
+            self.batch_flag, str(self.scenes_per_step), "--checkpoint-every", "100000",
         ]  # fmt: skip
 
-    def log(self, run: Path) -> Path:
-        return run / "run" / "train_log.csv"
 
-
-@dataclass(frozen=True)
-class SamConfig(TrainingConfig):
-    def command(self, run: Path, steps: int, threads: int) -> list[str]:
-        return [
-            "training/pretrain_sam.py",
-            "--out", str(run / "sam"), "--run-dir", str(run / "run"),
-            "--steps", str(steps), "--threads", str(threads),
-            "--scenes", str(self.scenes_per_step), "--checkpoint-every", "100000",
-            "--eval-scenes", "1",
-        ]  # fmt: skip
-
-    def log(self, run: Path) -> Path:
-        return run / "run" / "train_log.csv"
+def clip_config(name: str, extra: tuple[str, ...]) -> PretrainConfig:
+    return PretrainConfig(
+        name,
+        128,
+        "training/pretrain_clip.py",
+        "--batch-size",
+        ("--eval-images-per-class", "1"),
+        extra,
+    )
 
 
 @dataclass(frozen=True)
@@ -99,9 +97,6 @@ class HeadConfig(TrainingConfig):
             "--set", f"run_dir={run / 'run'}", "--set", f"output={run / 'final'}",
         ]  # fmt: skip
 
-    def log(self, run: Path) -> Path:
-        return run / "run" / "train_log.csv"
-
 
 # The ConvNeXt's distillation stage: the ViT's text tower locked in, the ViT as the teacher.
 KNOWLEDGE_DISTILLATION = (
@@ -112,10 +107,10 @@ KNOWLEDGE_DISTILLATION = (
 CONFIGS: dict[str, TrainingConfig] = {
     config.name: config
     for config in (
-        ClipConfig("clip-vit", 128, ("--model", "toy-vit", "--large-fraction", "0.15")),
-        ClipConfig("clip-convnext", 128, ("--model", "toy-convnext")),
-        ClipConfig("clip-convnext-kd", 128, KNOWLEDGE_DISTILLATION),
-        SamConfig("sam", 8),
+        clip_config("clip-vit", ("--model", "toy-vit", "--large-fraction", "0.15")),
+        clip_config("clip-convnext", ("--model", "toy-convnext")),
+        clip_config("clip-convnext-kd", KNOWLEDGE_DISTILLATION),
+        PretrainConfig("sam", 8, "training/pretrain_sam.py", "--scenes", ("--eval-scenes", "1")),
         *(
             HeadConfig(name, 0, f"training/configs/{name}-toy.json")
             for name in ("dense-clip", "dpseg", "dcp-clip", "esc-net", "ldvc")
