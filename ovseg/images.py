@@ -1,4 +1,5 @@
-"""Reading user images: any file or array a person might give, checked and turned into RGB."""
+"""Reading user images (any file or array a person might give, checked and turned into RGB), and
+cutting a region out of an image tensor."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
 
 from ovseg.errors import OvsegError
 
@@ -134,3 +138,46 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def crop_class_region(
+    image: Tensor, mask: Tensor, *, size: int, fill: Tensor, mode: str = "masked"
+) -> Tensor:
+    """The region of ``mask`` in ``image`` as a square picture (DPSeg's Inference II prompts).
+
+    The tight box around all of ``mask`` is cut out; in ``"masked"`` mode pixels outside the mask
+    become ``fill``, in ``"bbox"`` mode the context inside the box is kept; the box is padded to a
+    square with ``fill`` (centred) and resized to ``size``.
+
+    Arguments:
+        image: ``3×H×W`` in [0, 1].
+        mask: ``H×W`` bool.
+        size: side of the output.
+        fill: ``3`` colour (DPSeg: the CLIP mean, zero after normalisation).
+        mode: "masked" or "bbox".
+
+    Returns:
+        ``3×size×size``.
+    """
+    if mode not in ("masked", "bbox"):
+        raise ValueError(f"crop_mode must be one of ['masked', 'bbox']; got {mode!r}.")
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        raise ValueError("The class mask is empty; there is nothing to crop.")
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    left, right = int(cols[0]), int(cols[-1]) + 1
+    fill = fill.to(image.dtype).view(3, 1, 1)
+    crop = image[:, top:bottom, left:right]
+    if mode == "masked":
+        crop = torch.where(mask[top:bottom, left:right], crop, fill)
+    height, width = crop.shape[-2:]
+    side = max(height, width)
+    canvas = fill.expand(3, side, side).clone()
+    offset_y, offset_x = (side - height) // 2, (side - width) // 2
+    canvas[:, offset_y : offset_y + height, offset_x : offset_x + width] = crop
+    if side == size:
+        return canvas
+    return F.interpolate(
+        canvas[None], size=(size, size), mode="bilinear", antialias=side > size, align_corners=False
+    )[0]

@@ -11,6 +11,8 @@ from ovseg.methods.attention import (
     SelfAttentionBlock,
     SwinBlock,
     WindowAttention,
+    window_partition,
+    window_unpartition,
 )
 
 
@@ -220,3 +222,12 @@ def test_guidance_shared_by_groups_equals_repeated_guidance():
     torch.testing.assert_close(shared, repeated)
     with pytest.raises(ValueError, match="divide"):
         block(x, torch.randn(4, 8, 8, 3))
+
+
+def test_window_partition_holds_row_major_blocks_and_unpartition_inverts_it():
+    tokens = torch.randn(2, 4, 6, 3)  # a 2×3 grid of 2×2 windows
+    windows = window_partition(tokens, (2, 2))
+    assert windows.shape == (2, 6, 4, 3)
+    # window 4 is row 1, column 1: tokens (2..3, 2..3), row-major inside
+    assert torch.equal(windows[:, 4], tokens[:, 2:4, 2:4].reshape(2, 4, 3))
+    assert torch.equal(window_unpartition(windows, (2, 2), (2, 3)), tokens)

@@ -8,8 +8,10 @@ from torch import nn
 from ovseg.methods.chunking import (
     UPSAMPLE_CHUNK,
     class_slices,
+    pad_class_subsets,
     per_class,
     resize_logits,
+    scatter_class_subsets,
     upsample_logits,
     upsampled_argmax,
     write_classes,
@@ -69,3 +71,13 @@ def test_the_running_argmax_equals_the_argmax_of_the_upsampled_logits():
     assert torch.equal(labels, expected)
     assert int(labels[1, 0, 0]) == 0
     assert (labels[0] == UPSAMPLE_CHUNK + 1).any()
+
+
+def test_padded_class_subsets_scatter_back_to_the_whole_vocabulary():
+    selected = torch.tensor([[False, True, False, True, True], [True, False, False, False, False]])
+    indices, mask = pad_class_subsets(selected)
+    assert indices.tolist() == [[1, 3, 4], [0, 0, 0]]  # padding repeats a valid class
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    values = torch.arange(6.0).view(2, 3, 1) + 1
+    full = scatter_class_subsets(values, indices, mask, 5, fill=-100.0)
+    assert full[..., 0].tolist() == [[-100, 1, -100, 2, 3], [4, -100, -100, -100, -100]]

@@ -10,10 +10,12 @@ import ovseg
 import ovseg.backbones
 from ovseg.backbones import DenseFeatures, WeightsError, load_backbone
 from ovseg.demo.views import dcp_clip_coarse_labels, dcp_clip_selection_table
+from ovseg.errors import OptionError
 from ovseg.methods.base import IGNORE_INDEX
 from ovseg.methods.blocks import cosine_cost_volume
 from ovseg.methods.dcp_clip import (
     NOT_SELECTED_LOGIT,
+    SEGMENT_OPTIONS,
     DcpClip,
     DcpClipConfig,
     DcpClipOutput,
@@ -174,7 +176,7 @@ def test_selection_table_has_a_row_per_class(method, features):
     for image, rows in enumerate(tables):
         selected = [row["index"] for row in rows if row["selected"]]
         assert selected == selection.indices()[image]
-        winners = output.intermediates["patch_winners"][image].flatten()
+        winners = selection.patch_winners[image]
         assert sum(row["patch_votes"] for row in rows) == 64  # an 8×8 patch grid
         for row in rows:
             assert row["name"] == VOCABULARY[row["index"]]
@@ -204,6 +206,30 @@ def test_theta_and_tau_are_segment_options(method, features, backbone):
         method.segment(features, VOCABULARY, sharpness=2)
     with pytest.raises(ValueError, match="theta"):
         method.segment(features, VOCABULARY, theta=1.5)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"theta": 1.5},
+        {"tv_rank": 2.5},
+        {"tv_rank": -1},
+        {"guidance_cls_logits": "sum"},
+        {"sed_layers": -1},
+        {"cost_dim": 36},  # 36 channels cannot halve twice and stay divisible by 4
+        {"cross_attention_layers": 0},
+        {"max_selected": 0},
+        {"class_chunk_size": 0},
+    ],
+    ids=str,
+)
+def test_invalid_settings_are_refused_in_the_config_and_as_options(method, features, changes):
+    ((name, _),) = changes.items()
+    with pytest.raises(ValueError, match=name):
+        small_config(**changes)
+    if name in SEGMENT_OPTIONS:
+        with pytest.raises(OptionError, match=name):
+            method.segment(features, VOCABULARY, **changes)
 
 
 def target_of_an_unselected_class(output):
@@ -324,26 +350,54 @@ def test_unselected_classes_get_a_very_low_logit_and_never_win(method, features)
         assert (output.logits[image, indices] > NOT_SELECTED_LOGIT).all()
         labels = set(output.logits[image].argmax(0).unique().tolist())
         assert labels <= set(indices)
-        assert torch.equal(output.intermediates["labels"][image], output.logits[image].argmax(0))
+        fine_labels = output.intermediates["fine_labels"][image]
+        assert torch.equal(fine_labels, output.logits[image].argmax(0))
+
+
+def segment_recording_stages(method, features, vocabulary):
+    """``segment`` with the output shape of each stage of the head, recorded by forward hooks."""
+    stages = {
+        "cost_features": method.cost_embedding,  # F_cv, before its tokens are flattened
+        "textual_guidance": method.alignment.guidance,  # T_g
+        "refined_patch_features": method.alignment.cross_layers[-1],  # F_patch^ref
+        "refined_cost_features": method.alignment.fusion_layers[-1],  # F_cv^ref, (B·C_s)×N×D_c
+        "fine_features": method.decoder,  # F_last
+    }
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes.setdefault(name, tuple(output.shape))  # the first chunk of classes
+
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in stages.items()]
+    try:
+        with torch.no_grad():
+            output = method.segment(features, vocabulary, return_intermediates=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return output, shapes
 
 
 def test_intermediates_have_the_papers_shapes(method, features):
-    output = method.segment(features, VOCABULARY, return_intermediates=True)
+    output, shapes = segment_recording_stages(method, features, VOCABULARY)
     inter = output.intermediates
     selected = max(inter["num_selected"])
-    assert inter["cost_features"].shape == (2, selected, 64, 32)  # F_cv: B×C_s×N×D_c
-    assert inter["refined_cost_features"].shape == (2, selected, 64, 32)  # F_cv^ref
-    assert inter["textual_guidance"].shape == (2, selected, 128)  # T_g: C_s×D
-    assert inter["refined_patch_features"].shape == (2, 64, 128)  # F_patch^ref: N×D
-    assert inter["cross_attention"].shape == (2, 64, selected)
-    assert inter["fine_features"].shape == (2, selected, 8, 32, 32)  # F_last: 4²N × D_c/4
+    assert shapes == {
+        "cost_features": (2, selected, 32, 8, 8),  # F_cv: B×C_s×D_c×h×w
+        "textual_guidance": (2, selected, 128),  # T_g: C_s×D
+        "refined_patch_features": (2, 64, 128),  # F_patch^ref: N×D
+        "refined_cost_features": (2 * selected, 64, 32),  # F_cv^ref: N×D_c per class
+        "fine_features": (2, selected, 8, 32, 32),  # F_last: 4²N × D_c/4
+    }
     coarse_labels = dcp_clip_coarse_labels(inter)
     masked = inter["coarse_cost_map"].masked_fill(~output.class_mask[..., None, None], -math.inf)
     best = masked.argmax(dim=1).flatten(1)  # the argmax over real columns only
     expected = output.selected_classes.gather(1, best).view(2, 8, 8)
     assert torch.equal(coarse_labels, expected)
-    assert inter["fine_labels"].shape == inter["labels"].shape == (2, 64, 64)
-    assert inter["patch_winners"].shape == inter["patch_winners_raw"].shape == (2, 8, 8)
+    assert inter["fine_labels"].shape == (2, 64, 64)
     for image, indices in enumerate(inter["selected_classes"]):
         assert set(coarse_labels[image].unique().tolist()) <= set(indices)
 
@@ -626,9 +680,8 @@ def test_segment_applies_tag_validation_to_unseen_regions(method, features):
     after = method.segment(
         features, VOCABULARY, seen_classes=seen, tv_rank=0, return_intermediates=True
     )
-    fine, labels = after.intermediates["fine_labels"], after.intermediates["labels"]
-    assert torch.equal(fine, before.intermediates["labels"])
-    assert torch.equal(labels, after.logits.argmax(1))
+    fine, labels = after.intermediates["fine_labels"], after.logits.argmax(1)
+    assert torch.equal(fine, before.logits.argmax(1))
     seen_pixels = fine < 4
     assert torch.equal(labels[seen_pixels], fine[seen_pixels])
     changes = [
@@ -759,11 +812,15 @@ def test_each_patch_reads_its_own_row_of_the_clip_attention_map(method, features
 def test_decoder_depth_sets_the_output_resolution(backbone, images):
     for layers, size in [(0, 8), (1, 16), (2, 32)]:
         method = trained(DcpClip(config=small_config(sed_layers=layers), backbone=backbone))
+        sizes = []
+
+        def record(module, args, sizes=sizes):
+            sizes.append(args[0].shape[-1])
+
+        method.head.register_forward_pre_hook(record)
         with torch.no_grad():
-            output = method.segment(
-                method.encode_image(images[:1]), VOCABULARY, return_intermediates=True
-            )
-        assert output.intermediates["fine_features"].shape[-1] == size
+            method.segment(method.encode_image(images[:1]), VOCABULARY)
+        assert sizes == [size]  # the head reads F_last
 
 
 # ---------------------------------------------------------------------------- training-free
@@ -840,15 +897,16 @@ def test_vit_b16_shapes_at_384():
     assert 9e6 < new_parameters < 15e6  # the paper's "+10 M learnable over CAT-Seg"
     with torch.no_grad():
         features = method.encode_image(torch.rand(1, 3, 384, 384))
-        output = method.segment(features, ["cat", "sky"], return_intermediates=True)
-    inter = output.intermediates
-    selected = inter["num_selected"][0]
+    output, shapes = segment_recording_stages(method, features, ["cat", "sky"])
+    selected = output.intermediates["num_selected"][0]
     assert features.dense.shape == (1, 512, 24, 24)  # F_patch: N = 576, D = 512
-    assert inter["cost_features"].shape == (1, selected, 576, 128)
-    assert inter["refined_cost_features"].shape == (1, selected, 576, 128)
-    assert inter["textual_guidance"].shape == (1, selected, 512)
-    assert inter["refined_patch_features"].shape == (1, 576, 512)
-    assert inter["fine_features"].shape == (1, selected, 32, 96, 96)  # 4²·576 positions × 32
+    assert shapes == {
+        "cost_features": (1, selected, 128, 24, 24),
+        "textual_guidance": (1, selected, 512),
+        "refined_patch_features": (1, 576, 512),
+        "refined_cost_features": (selected, 576, 128),
+        "fine_features": (1, selected, 32, 96, 96),  # 4²·576 positions × 32
+    }
     assert output.logits.shape == (1, 2, 384, 384)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import ovseg
 from ovseg import backbones as backbone_registry
 from ovseg.backbones import WeightsError, load_backbone
+from ovseg.images import crop_class_region
 from ovseg.methods.base import SegmentationOutput
 from ovseg.methods.blocks import cosine_cost_volume
 from ovseg.methods.builder import METHODS
@@ -26,7 +27,6 @@ from ovseg.methods.dpseg import (
     HybridDilatedConv,
     VisualCostProjection,
     build_dpseg,
-    crop_class_region,
 )
 from ovseg.methods.weights import save_weights
 from ovseg.prompts.visual import PromptGallery
@@ -82,6 +82,35 @@ def features(model, images):
         return model.encode_image(images[:1])
 
 
+def decoded_shapes(method, features, prompts):
+    """``method.decode``'s logits, and the shapes of F_c, F and each stage's output D1-D3
+    (``B×K×C×h×w``; the stages' output is read by hooks, as they run per chunk of classes)."""
+    batch = features.embeddings.shape[0]
+    chunks = {f"D{index + 1}": [] for index in range(len(method.decoder.stages))}
+    handles = [
+        stage.fuse[-1].register_forward_hook(
+            lambda module, inputs, output, name=name: chunks[name].append(output.shape)
+        )
+        for name, stage in zip(chunks, method.decoder.stages, strict=True)
+    ]
+    try:
+        logits = method.decode(features, prompts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    shapes = {
+        name: (batch, sum(shape[0] for shape in outputs) // batch, *outputs[0][1:])
+        for name, outputs in chunks.items()
+    }
+    with torch.no_grad():
+        cost_volume = method.cost_volume(features.embeddings, prompts)
+        shapes |= {
+            "F_c": tuple(cost_volume.shape),
+            "F": tuple(method.cost_embedding(cost_volume).shape),
+        }
+    return logits, shapes
+
+
 # --------------------------------------------------------------------- 1. encoder shapes
 
 
@@ -105,10 +134,9 @@ def test_convnext_b_shapes_at_768_match_the_paper(cache_dir):
     )
     with torch.no_grad():
         features = method.eval().encode_image(torch.rand(1, 3, 768, 768))
-        shapes = {}
-        logits = method.decode(features, method.dual_prompts(["cat", "dog"], 1), shapes=shapes)
-    assert shapes["E"] == (1, 640, 24, 24)
-    assert [shapes[f"E_{j}"] for j in (2, 3, 4)] == [
+        logits, shapes = decoded_shapes(method, features, method.dual_prompts(["cat", "dog"], 1))
+    assert features.embeddings.shape == (1, 640, 24, 24)
+    assert [tuple(e.shape) for e in features.guidance] == [
         (1, 128, 192, 192),
         (1, 256, 96, 96),
         (1, 512, 48, 48),
@@ -283,10 +311,9 @@ def test_cost_embedding_is_one_7x7_conv_from_m_to_128_shared_by_classes(backbone
 
 def test_decoder_stage_shapes(model, features):
     prompts = model.dual_prompts(VOCABULARY, 1)
-    shapes = {}
     with torch.no_grad():
-        logits = model.decode(features, prompts, shapes=shapes)
-    assert shapes["E"] == (1, 128, SIZE // 32, SIZE // 32)
+        logits, shapes = decoded_shapes(model, features, prompts)
+    assert features.embeddings.shape == (1, 128, SIZE // 32, SIZE // 32)
     assert shapes["F_c"] == (1, 4, 4, SIZE // 32, SIZE // 32)
     assert shapes["D1"] == (1, 4, 64, SIZE // 16, SIZE // 16)
     assert shapes["D2"] == (1, 4, 32, SIZE // 8, SIZE // 8)
@@ -579,7 +606,7 @@ def test_pass_two_reruns_the_head_on_the_crops_of_pass_one(
         visual = prompts.visual.clone()
         visual[0, detected] = embedding[:, None]
         refined = DualPrompts(text=prompts.text, visual=visual, pooled=prompts.pooled)
-        expected = model._pass(features, refined, True, None)
+        expected = upsample_logits(model._pass(features, refined, True), (SIZE, SIZE))
     torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
     assert not torch.equal(output.logits, output.intermediates["pass1_logits"])
     shown = output.intermediates["refined_prompt_images"][0]
@@ -616,24 +643,6 @@ def test_inference_ii_runs_the_image_encoder_once(model, images):
             handle.remove()
     assert counts["image"] == 1
     assert counts["prompt"] == len(output.intermediates["detected_classes"][0]) > 0
-
-
-def test_masked_crop_holds_only_the_class_pixels_and_fill():
-    generator = torch.Generator().manual_seed(5)
-    image = torch.rand(3, 20, 20, generator=generator)
-    mask = torch.zeros(20, 20, dtype=torch.bool)
-    mask[3:9, 4:16] = torch.rand(6, 12, generator=generator) > 0.5
-    mask[3, 4] = mask[8, 15] = True  # the tight box is rows 3-8, columns 4-15
-    fill = torch.tensor([0.1, 0.2, 0.3])
-    crop = crop_class_region(image, mask, size=12, fill=fill, mode="masked")
-    expected = fill.view(3, 1, 1).expand(3, 12, 12).clone()
-    expected[:, 3:9] = torch.where(mask[3:9, 4:16], image[:, 3:9, 4:16], fill.view(3, 1, 1))
-    assert torch.equal(crop, expected)
-    boxed = crop_class_region(image, mask, size=12, fill=fill, mode="bbox")
-    assert torch.equal(boxed[:, 3:9], image[:, 3:9, 4:16])
-    assert crop_class_region(image, mask, size=32, fill=fill).shape == (3, 32, 32)
-    with pytest.raises(ValueError, match="empty"):
-        crop_class_region(image, torch.zeros(20, 20, dtype=torch.bool), size=8, fill=fill)
 
 
 # ------------------------------------------------------------------ 11. batch consistency
@@ -760,8 +769,6 @@ def test_intermediates_for_the_demo(model, features):
     prompts = model.dual_prompts(VOCABULARY, 1)
     text_cost = cosine_cost_volume(features.embeddings, prompts.text, per_image=True).mean(dim=2)
     torch.testing.assert_close(found["text_cost_volume"], text_cost, atol=1e-5, rtol=0)
-    for j in (2, 3, 4):
-        assert found[f"visual_cost_volume_j{j}"].shape == (1, 4, SIZE >> j, SIZE >> j)
     gallery = found["visual_prompt_images"]
     assert isinstance(gallery, PromptGallery) and len(gallery) == 4
     bank_images = model.prompt_bank.images(VOCABULARY, TEMPLATES, 2)
@@ -770,7 +777,6 @@ def test_intermediates_for_the_demo(model, features):
     crops = found["refined_prompt_images"][0]
     assert set(crops) == set(found["detected_classes"][0])
     assert all(c.dtype == torch.float32 and c.shape == (3, 64, 64) for c in crops.values())
-    assert found["shapes"]["D3"] == (1, 4, 16, SIZE // 4, SIZE // 4)
     assert found["pass2_logits"] is output.logits
 
 
@@ -892,16 +898,15 @@ def test_streamed_decoder_matches_the_reference_bit_for_bit(
     with torch.no_grad():
         features = method.encode_image(images)
     prompts = method.dual_prompts(WIDE_VOCABULARY, 2)
-    shapes = ({}, {})
 
     def decode():
-        index = 0 if torch.is_grad_enabled() else 1
-        return method.decode(features, prompts, shapes=shapes[index]).detach()
+        logits, shapes = decoded_shapes(method, features, prompts)
+        return logits.detach(), shapes
 
-    reference, streamed = _reference_and_streamed(method, decode)
+    (reference, shapes), (streamed, streamed_shapes) = _reference_and_streamed(method, decode)
     assert streamed.shape == (2, 7, SIZE // 4, SIZE // 4)
     assert torch.equal(streamed, reference)
-    assert shapes[0] == shapes[1] and shapes[1]["D3"] == (2, 7, 16, SIZE // 4, SIZE // 4)
+    assert streamed_shapes == shapes and shapes["D3"] == (2, 7, 16, SIZE // 4, SIZE // 4)
 
 
 def test_streamed_inference_ii_matches_the_reference_path(model, images, monkeypatch):

@@ -14,11 +14,11 @@ from segment_anything.modeling.transformer import TwoWayAttentionBlock
 
 import ovseg.backbones
 from ovseg.backbones import WeightsError, build_sam, load_backbone
+from ovseg.backbones.sam import GridPromptEncoder
 from ovseg.errors import OptionError
 from ovseg.methods.blocks import cosine_cost_volume
 from ovseg.methods.esc_net import (
     EscNetConfig,
-    SamPromptEncoding,
     build_esc_net,
     pseudo_prompts,
 )
@@ -169,8 +169,8 @@ def test_box_corners_reach_sam_at_the_centres_of_the_regions_corner_cells(sam_pa
     prompts = pseudo_prompts(maps, num_objects=1)
     assert prompts.boxes[:, 0].tolist() == [[2, 1, 5, 3], [6, 5, 7, 7]]
     sam = build_sam(None, sam_path)
-    encoding = SamPromptEncoding(source=sam.prompt_encoder, grid=8, prompt_types=("box",))
-    sparse, _ = encoding(prompts)
+    encoding = GridPromptEncoder(source=sam.prompt_encoder, grid=8, prompt_types=("box",))
+    sparse, _ = encoding(prompts.points, prompts.boxes, prompts.regions)
     pe = encoding.dense_pe((8, 8))
     top_left, bottom_right = (e.weight[0] for e in sam.prompt_encoder.point_embeddings[2:])
     for row, (x0, y0, x1, y1) in enumerate([(2, 1, 5, 3), (6, 5, 7, 7)]):
@@ -264,9 +264,9 @@ def test_without_sam_there_is_no_ppg_prompt_encoder_or_sam_block(toy_vit, sam_pa
 )
 def test_prompt_type_ablations_embed_the_expected_tokens(toy_vit, sam_path, types, tokens):
     sam = build_sam(None, sam_path)
-    encoding = SamPromptEncoding(source=sam.prompt_encoder, grid=8, prompt_types=types)
+    encoding = GridPromptEncoder(source=sam.prompt_encoder, grid=8, prompt_types=types)
     prompts = pseudo_prompts(torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(6)))
-    sparse, dense = encoding(prompts)
+    sparse, dense = encoding(prompts.points, prompts.boxes, prompts.regions)
     assert sparse.shape == (3, tokens, 128) and dense.shape == (3, 128, 8, 8)
     no_mask = sam.prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1)
     assert torch.equal(dense, no_mask.expand_as(dense)) == ("mask" not in types)
@@ -519,7 +519,7 @@ def test_prompts_are_sams_own_encoding_of_the_points_and_the_regions_union(toy_v
     prompts = pseudo_prompts(torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1)))
     assert torch.equal(prompts.regions.any(dim=1), prompts.foreground)
     with torch.no_grad():
-        sparse, dense = method.prompt_encoding(prompts)
+        sparse, dense = method.prompt_encoding(prompts.points, prompts.boxes, prompts.regions)
         expected_sparse, expected_dense = reference(
             points=(prompts.points, torch.ones(6, 5)),
             boxes=None,
@@ -533,13 +533,13 @@ def test_the_mean_of_region_prompts_is_the_union_at_one_n_o_th_strength(sam_path
     """Why the average of the N_o region embeddings (the shipped head's "mean") loses the regions:
     SAM's mask downscaling gives one vector per cell, d1 inside a mask and d0 outside."""
     sam = build_sam(None, sam_path)
-    encoding = SamPromptEncoding(
+    encoding = GridPromptEncoder(
         source=sam.prompt_encoder, grid=8, prompt_types=("mask",), dense_prompt="mean"
     )
     prompts = pseudo_prompts(torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1)))
     reference = grid_prompt_encoder(sam)
     with torch.no_grad():
-        _, dense = encoding(prompts)
+        _, dense = encoding(prompts.points, prompts.boxes, prompts.regions)
         per_region = reference._embed_masks(mask_logits(prompts.regions.flatten(0, 1)))
         d1 = reference._embed_masks(mask_logits(torch.ones(1, 8, 8, dtype=torch.bool)))
         d0 = reference._embed_masks(mask_logits(torch.zeros(1, 8, 8, dtype=torch.bool)))

@@ -2,9 +2,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ovseg.images import MAX_SIDE, ImageError, load_image
+from ovseg.images import MAX_SIDE, ImageError, crop_class_region, load_image
 
 
 def _png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -89,3 +90,21 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
 def test_odd_array_shapes_are_refused():
     with pytest.raises(ImageError, match="H×W"):
         load_image(np.zeros((20, 20, 2), dtype=np.uint8))
+
+
+def test_masked_crop_holds_only_the_class_pixels_and_fill():
+    generator = torch.Generator().manual_seed(5)
+    image = torch.rand(3, 20, 20, generator=generator)
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[3:9, 4:16] = torch.rand(6, 12, generator=generator) > 0.5
+    mask[3, 4] = mask[8, 15] = True  # the tight box is rows 3-8, columns 4-15
+    fill = torch.tensor([0.1, 0.2, 0.3])
+    crop = crop_class_region(image, mask, size=12, fill=fill, mode="masked")
+    expected = fill.view(3, 1, 1).expand(3, 12, 12).clone()
+    expected[:, 3:9] = torch.where(mask[3:9, 4:16], image[:, 3:9, 4:16], fill.view(3, 1, 1))
+    assert torch.equal(crop, expected)
+    boxed = crop_class_region(image, mask, size=12, fill=fill, mode="bbox")
+    assert torch.equal(boxed[:, 3:9], image[:, 3:9, 4:16])
+    assert crop_class_region(image, mask, size=32, fill=fill).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="empty"):
+        crop_class_region(image, torch.zeros(20, 20, dtype=torch.bool), size=8, fill=fill)

@@ -16,16 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovseg.backbones import ASSETS_DIR, WeightsError, load_backbone
+from ovseg.backbones.clip import drop_path
 from ovseg.errors import UntrainedHeadError
-from ovseg.methods import ldvc as ldvc_module  # registers "ldvc" until ovseg.methods imports it
+from ovseg.methods import losses
 from ovseg.methods.base import IGNORE_INDEX
 from ovseg.methods.ldvc import (
     Ldvc,
+    LdvcConfig,
     LdvcOutput,
     RouteAttention,
     build_ldvc,
-    focal_dice_loss,
 )
+from ovseg.methods.losses import focal_dice_loss
 from ovseg.methods.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,15 +369,15 @@ def test_num_masks_is_the_mean_over_ddp_ranks(monkeypatch):
         reduced.append(tensor.item())
         tensor += 7.0
 
-    monkeypatch.setattr(ldvc_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(ldvc_module.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(ldvc_module.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(losses.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(losses.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(losses.dist, "all_reduce", all_reduce)
     distributed = focal_dice_loss(logits, target)
     assert reduced == [3.0]
     for name in local:  # divided by the mean count over ranks, 5, instead of 3
         torch.testing.assert_close(distributed[name], local[name] * 3 / 5)
     # No mask on any rank: the normaliser stays at least 1.
-    monkeypatch.setattr(ldvc_module.dist, "all_reduce", lambda tensor: None)
+    monkeypatch.setattr(losses.dist, "all_reduce", lambda tensor: None)
     empty = focal_dice_loss(logits, torch.full((2, 2, 2), IGNORE_INDEX))
     p = logits.sigmoid()  # every pixel a negative: focal term 0.75 · p² · −ln(1 − p)
     negatives = 0.75 * p**2 * -torch.log1p(-p)
@@ -432,14 +434,14 @@ def test_self_training_pseudo_labels_confident_ignored_pixels_with_unseen_classe
 def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():
     torch.manual_seed(0)
     residual = torch.ones(4000, 3, 5)
-    dropped = ldvc_module._drop_path(residual, 0.25, training=True)
+    dropped = drop_path(residual, 0.25, training=True)
     per_sample = dropped.flatten(1)
     assert torch.equal(per_sample.amin(1), per_sample.amax(1))  # one decision per sample
     values = per_sample[:, 0]
     torch.testing.assert_close(values.unique(), torch.tensor([0.0, 4 / 3]))
     assert (values == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
     assert values.mean().item() == pytest.approx(1.0, abs=0.04)  # unbiased in expectation
-    assert torch.equal(ldvc_module._drop_path(residual, 0.25, training=False), residual)
+    assert torch.equal(drop_path(residual, 0.25, training=False), residual)
 
 
 def test_drop_path_acts_on_the_frozen_vit_in_training_only(clip):
@@ -522,7 +524,7 @@ def test_the_shipped_head_attaches_to_the_shipped_toy_clip_only(clip):
 def test_toy_training_config_is_valid():
     config = json.loads((REPO / "training" / "configs" / "ldvc-toy.json").read_text())
     assert config["method"] == "ldvc" and config["threads"] == 1
-    settings = ldvc_module.LdvcConfig().replace(**config["method_config"])
+    settings = LdvcConfig().replace(**config["method_config"])
     assert settings.input_size // 8 % settings.window_size == 0
 
 

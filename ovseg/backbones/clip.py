@@ -171,6 +171,18 @@ class ClipBackbone(nn.Module):
         """Map ``B×3×H×W`` images in [0, 1] to this model's normalised input."""
         return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
 
+    def check_images(self, images: Tensor) -> None:
+        """Raise ``ValueError`` unless ``images`` is ``B×3×H×W`` with H and W multiples of
+        :attr:`stride`."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Expected images of shape B×3×H×W; got {tuple(images.shape)}.")
+        height, width = images.shape[-2:]
+        if height % self.stride or width % self.stride:
+            raise ValueError(
+                f"Image size {height}×{width} is not a multiple of the stride {self.stride} "
+                f"of {self.name}."
+            )
+
     def forward(self, images: Tensor, **kwargs) -> DenseFeatures:
         return self.encode_image(images, **kwargs)
 
@@ -193,14 +205,7 @@ class ClipBackbone(nn.Module):
                 instead (MaskCLIP), which localises better without training. ConvNeXt ignores it.
             return_attention: also return the last ViT block's patch-to-patch attention.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"Expected images of shape B×3×H×W; got {tuple(images.shape)}.")
-        height, width = images.shape[-2:]
-        if height % self.stride or width % self.stride:
-            raise ValueError(
-                f"Image size {height}×{width} is not a multiple of the stride {self.stride} "
-                f"of {self.name}."
-            )
+        self.check_images(images)
         for layer in layers:
             if not -self.num_layers <= layer < self.num_layers:
                 raise ValueError(f"Layer {layer} out of range for {self.num_layers} layers.")
@@ -242,6 +247,18 @@ class ClipBackbone(nn.Module):
         tokens = tokens + self._positional_embedding(visual, grid).to(tokens.dtype)
         return visual.ln_pre(tokens), grid
 
+    def vit_readout(
+        self, tokens: Tensor, *, skip: int = 0, dense: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """What a ViT tower's head makes of the last block's ``B×(1+skip+h·w)×width`` tokens:
+        the global embedding ``B×D`` (class token) and the patch embeddings ``B×(h·w)×D`` (None
+        unless ``dense``), both through ``ln_post`` and ``proj``, not normalised. ``skip`` tokens
+        after the class token (learned prompts) are left out."""
+        visual: VisionTransformer = self.model.visual
+        tokens = visual.ln_post(tokens)
+        patches = tokens[:, 1 + skip :] @ visual.proj if dense else None
+        return tokens[:, 0] @ visual.proj, patches
+
     def _encode_vit(
         self, images: Tensor, layers: Sequence[int], dense_mode: DenseMode, return_attention: bool
     ) -> DenseFeatures:
@@ -261,14 +278,11 @@ class ClipBackbone(nn.Module):
             if index in wanted:
                 intermediates[f"layer{index}"] = tokens_to_map(tokens[:, 1:], grid)
 
-        tokens = visual.ln_post(tokens)
-        global_embedding = tokens[:, 0] @ visual.proj
+        if dense_mode not in ("standard", "maskclip"):
+            raise ValueError(f"dense_mode must be 'standard' or 'maskclip'; got {dense_mode!r}.")
+        global_embedding, dense_tokens = self.vit_readout(tokens, dense=dense_mode == "standard")
         if dense_mode == "maskclip":
             dense_tokens = visual.ln_post(value_path[:, 1:]) @ visual.proj
-        elif dense_mode == "standard":
-            dense_tokens = tokens[:, 1:] @ visual.proj
-        else:
-            raise ValueError(f"dense_mode must be 'standard' or 'maskclip'; got {dense_mode!r}.")
         if attention is not None:
             attention = attention[:, 1:, 1:] if return_attention else None
         return DenseFeatures(
@@ -336,8 +350,31 @@ class ClipBackbone(nn.Module):
         hidden = model.token_embedding(tokens).to(cast_dtype)
         hidden = hidden + model.positional_embedding[:length].to(cast_dtype)
         hidden = model.transformer(hidden, attn_mask=model.attn_mask[:length, :length])
+        return self.text_readout(hidden, tokens)
+
+    def text_token_ids(self, texts: Sequence[str], *, reserved: int = 0) -> Tensor:
+        """``N×L`` token ids ``[SOS] 0..0 text [EOS]``, zero-padded to the longest row, with
+        ``reserved`` zero slots after [SOS] for learned prompt tokens. A text longer than the
+        context is cut, keeping [EOS] (as CLIP's tokenizer does)."""
+        tokenizer = self.tokenizer
+        rows = []
+        for text in texts:
+            words = tokenizer.encode(text)[: tokenizer.context_length - 2 - reserved]
+            rows.append(
+                [tokenizer.sot_token_id] + [0] * reserved + words + [tokenizer.eot_token_id]
+            )
+        ids = torch.zeros(len(rows), max(len(row) for row in rows), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids[index, : len(row)] = torch.tensor(row)
+        return ids.to(self.model.token_embedding.weight.device)
+
+    def text_readout(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        """What a causal text tower's head makes of the last block's ``N×L×width`` states:
+        ``ln_final``, the state at [EOS] (the highest token id), ``text_projection``; ``N×D``,
+        not normalised."""
+        model = self.model
         hidden = model.ln_final(hidden)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), tokens.argmax(dim=-1)]
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), token_ids.argmax(-1)]
         if isinstance(model.text_projection, nn.Linear):
             return model.text_projection(pooled)
         return pooled @ model.text_projection
@@ -348,6 +385,11 @@ class ClipBackbone(nn.Module):
         return tuple(p._version for p in self._text_parameters()) + tuple(
             p.data_ptr() for p in self._text_parameters()[:1]
         )
+
+    def text_tower_trains(self) -> bool:
+        """Whether text encodings take gradient now: autograd is on and a text-tower parameter
+        trains (then nothing about the text is cached)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self._text_parameters())
 
     def _text_parameters(self) -> list[Tensor]:
         return [p for n, p in self.model.named_parameters() if not n.startswith("visual.")]
@@ -373,9 +415,7 @@ class ClipBackbone(nn.Module):
         classes = class_synonyms(vocabulary)
         template_tuple = resolve_templates(templates)
         parameter = next(self.model.parameters())
-        needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for p in self._text_parameters()
-        )
+        needs_grad = self.text_tower_trains()
         context = (
             self.name,
             self.pretrained,
@@ -454,6 +494,28 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 def _has_text_projection(model: nn.Module) -> bool:
     projection = getattr(model, "text_projection", None)
     return isinstance(projection, (Tensor, nn.Parameter)) and projection.ndim == 2
+
+
+def drop_path(residual: Tensor, probability: float, training: bool) -> Tensor:
+    """Stochastic depth: drop a sample's residual branch with ``probability``, rescale the rest."""
+    if probability == 0.0 or not training:
+        return residual
+    keep = 1.0 - probability
+    mask = residual.new_empty(residual.shape[0], *([1] * (residual.ndim - 1))).bernoulli_(keep)
+    return residual * mask / keep
+
+
+def run_block(
+    block: ResidualAttentionBlock, tokens: Tensor, drop_path_rate: float, training: bool
+) -> Tensor:
+    """One (frozen) open_clip ViT block, with drop-path on its two residual branches in
+    training."""
+    if drop_path_rate == 0.0 or not training:
+        return block(tokens)
+    attended = block.ls_1(block.attention(q_x=block.ln_1(tokens)))
+    tokens = tokens + drop_path(attended, drop_path_rate, training)
+    mlp = block.ls_2(block.mlp(block.ln_2(tokens)))
+    return tokens + drop_path(mlp, drop_path_rate, training)
 
 
 def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -9,6 +9,9 @@ real ViT-B/L/H architectures and the small ToyWorld one go through the same `bui
     sam = load_sam("toy")  # the shipped ToyWorld SAM
     embeddings = sam.encode_image(images)  # (B, 3, H, W) in [0, 1] -> (B, C, h, w)
     mask_logits, iou = sam.decode(embeddings, points=(coords, labels))
+
+`GridPromptEncoder` is SAM's prompt encoder for prompts placed on another model's patch grid
+(ESC-Net prompts SAM's layers from CLIP's grid).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +46,7 @@ from ovseg.errors import MissingWeightsError, WeightsError
 
 __all__ = [
     "SAM_CONFIGS",
+    "GridPromptEncoder",
     "SamBackbone",
     "SamConfig",
     "build_sam",
@@ -522,6 +526,90 @@ class SamBackbone(nn.Module):
         save_file(state_dict, weights_path, metadata=metadata)
         config_path.write_text(json.dumps({"name": self.name, "config": fields}, indent=2) + "\n")
         return weights_path
+
+
+class GridPromptEncoder(nn.Module):
+    """SAM's pretrained prompt encoder for prompts placed on a patch grid, not in pixels.
+
+    The encoder is segment-anything's own `PromptEncoder` rebuilt for the grid
+    (`input_image_size` = `image_embedding_size` = grid×grid), so a point's positional encoding
+    is the dense PE of its cell; its weights are copied from a SAM's.
+
+    Args:
+        source: The SAM prompt encoder whose weights are copied.
+        grid: Side of the patch grid the prompts live on.
+        prompt_types: Which of `"point"`, `"box"`, `"mask"` to embed.
+        dense_prompt: How the N regions of a prompt set become SAM's one mask prompt: `"union"`,
+            the mask prompt of their union; `"mean"`, the average of the N regions' mask
+            embeddings (SAM's mask downscaling maps a ±κ mask cell by cell to one of two
+            vectors, so this is the union at 1/N strength).
+        mask_logit: κ, the magnitude of the ±κ mask-prompt logits.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: PromptEncoder,
+        grid: int,
+        prompt_types: Sequence[str],
+        dense_prompt: str = "union",
+        mask_logit: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.encoder = PromptEncoder(
+            embed_dim=source.embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(grid, grid),
+            mask_in_chans=source.mask_downscaling[0].out_channels * 4,
+        )
+        self.encoder.load_state_dict(source.state_dict())
+        self.prompt_types = tuple(prompt_types)
+        self.dense_prompt = dense_prompt
+        self.mask_logit = mask_logit
+
+    def dense_pe(self, size: tuple[int, int]) -> Tensor:
+        """(C, h, w) positional encoding of the grid (SAM's `get_dense_pe`)."""
+        return self.encoder.pe_layer(size)
+
+    def forward(self, points: Tensor, boxes: Tensor, regions: Tensor) -> tuple[Tensor, Tensor]:
+        """Embed R prompt sets of N regions each, all in grid units.
+
+        Args:
+            points: (R, N, 2) foreground points as (x, y) cells.
+            boxes: (R, N, 4) boxes as (x0, y0, x1, y1) with inclusive corners.
+            regions: (R, N, h, w) bool region masks.
+
+        Returns:
+            SAM's sparse (R, T, C) and dense (R, C, h, w) prompt embeddings; T counts N points
+            (+ SAM's padding point when there are no boxes) and 2·N box corners.
+        """
+        rows, objects, height, width = regions.shape
+        encoder = self.encoder
+        dtype = encoder.no_mask_embed.weight.dtype
+        sparse = [encoder.no_mask_embed.weight.new_zeros(rows, 0, encoder.embed_dim)]
+        if "point" in self.prompt_types:
+            labels = torch.ones(rows, objects, device=points.device)
+            sparse.append(encoder._embed_points(points, labels, pad="box" not in self.prompt_types))
+        if "box" in self.prompt_types:
+            corners = encoder._embed_boxes(boxes.reshape(rows * objects, 4))
+            sparse.append(corners.view(rows, 2 * objects, -1))
+        if "mask" not in self.prompt_types:
+            dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            return torch.cat(sparse, dim=1).to(dtype), dense.expand(rows, -1, height, width)
+        masks = regions.to(dtype)
+        if self.dense_prompt == "union":
+            masks = masks.amax(dim=1, keepdim=True)
+        # SAM mask prompts are logits at 4× the embedding grid, thresholded at 0.
+        masks = F.interpolate(masks.flatten(0, 1)[:, None], scale_factor=4, mode="nearest")
+        masks = self.mask_logit * (2 * masks - 1)
+        if self.dense_prompt == "union":
+            return torch.cat(sparse, dim=1).to(dtype), encoder._embed_masks(masks)
+        # The mean over regions commutes with mask_downscaling's last 1×1 convolution, its widest
+        # layer: averaging before it runs that layer once per set instead of N times.
+        *downscale, project = encoder.mask_downscaling
+        features = nn.Sequential(*downscale)(masks)
+        dense = project(features.view(rows, objects, *features.shape[1:]).mean(dim=1))
+        return torch.cat(sparse, dim=1).to(dtype), dense
 
 
 def _strip_safetensors_suffix(path: Path) -> Path:

@@ -14,6 +14,8 @@ returned on request rather than read out with hooks.
   relative position bias and optional query/key guidance channels (CAT-Seg's aggregation,
   DCP-CLIP's spatial enhancement, Eqs. 13–14).
 - :class:`LinearAttention`: kernelised attention whose cost is linear in the number of tokens.
+- :func:`window_partition` / :func:`window_unpartition`: a token grid to windows and back (Swin,
+  LDVC's routed windows).
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ def merge_heads(tokens: Tensor) -> Tensor:
     """``...×heads×L×d`` → ``...×L×(heads·d)``."""
     tokens = tokens.transpose(-3, -2)
     return tokens.reshape(*tokens.shape[:-2], -1)
+
+
+def window_partition(tokens: Tensor, window: tuple[int, int]) -> Tensor:
+    """``B×H×W×C`` tokens (H, W multiples of the window) → ``B×nW×L×C``: row-major windows,
+    row-major tokens inside each."""
+    batch, height, width, channels = tokens.shape
+    tokens = tokens.view(
+        batch, height // window[0], window[0], width // window[1], window[1], channels
+    )
+    return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, window[0] * window[1], channels)
+
+
+def window_unpartition(windows: Tensor, window: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`window_partition`: ``B×nW×L×C`` on a ``grid`` of windows → ``B×H×W×C``."""
+    batch, _, _, channels = windows.shape
+    windows = windows.view(batch, grid[0], grid[1], window[0], window[1], channels)
+    return windows.permute(0, 1, 3, 2, 4, 5).reshape(
+        batch, grid[0] * window[0], grid[1] * window[1], channels
+    )
 
 
 def _masked_score(dtype: torch.dtype) -> float:
@@ -327,7 +348,8 @@ class WindowAttention(nn.Module):
                 for col_slice in _shift_slices(window[1], shift[1]):
                     region[row_slice, col_slice] = label
                     label += 1
-        order = _partition(torch.arange(padded[0] * padded[1], device=device).view(padded), window)
+        frame = torch.arange(padded[0] * padded[1], device=device).view(1, *padded, 1)
+        order = window_partition(frame, window)[0, ..., 0]  # nW×L
         gather = source.flatten()[order].flatten()
         slot_of_frame = torch.empty_like(order.flatten())
         slot_of_frame[order.flatten()] = torch.arange(order.numel(), device=device)
@@ -387,13 +409,6 @@ def _shift_slices(window: int, shift: int) -> tuple[slice, ...]:
     if shift == 0:
         return (slice(None),)
     return (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-
-
-def _partition(grid: Tensor, window: tuple[int, int]) -> Tensor:
-    """``H×W`` grid (H, W multiples of the window) → ``nW×L`` in window-major order."""
-    height, width = grid.shape
-    grid = grid.view(height // window[0], window[0], width // window[1], window[1])
-    return grid.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
 
 
 class SwinBlock(nn.Module):

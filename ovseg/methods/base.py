@@ -8,6 +8,7 @@ vocabulary). ``forward`` chains the two.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,6 +47,51 @@ class MethodConfig:
     # Fields that describe the machine a method ran on, not the model (a cache folder, a chunk
     # size): a saved record's values for them are never restored (weights.saved_config).
     machine_settings: ClassVar[tuple[str, ...]] = ()
+
+    # Declarative checks, run when a config is made (and by ``replace``); a subclass lists its
+    # fields here and adds cross-field rules in :meth:`problems`.
+    #   tuple_fields: sequences stored as tuples (a JSON record gives lists); None stays None.
+    #   choices:      field -> the values it may take.
+    #   at_least:     field -> its smallest value (None values are not checked).
+    #   within:       field -> (low, high), both included.
+    tuple_fields: ClassVar[tuple[str, ...]] = ()
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    at_least: ClassVar[dict[str, float]] = {}
+    within: ClassVar[dict[str, tuple[float, float]]] = {}
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            if isinstance(getattr(self, item.name), os.PathLike):  # the saved record is JSON
+                setattr(self, item.name, os.fspath(getattr(self, item.name)))
+        for name in self.tuple_fields:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                setattr(self, name, tuple(value))
+        problems = [*self._declared_problems(), *self.problems()]
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems) + ".")
+
+    def _declared_problems(self) -> list[str]:
+        problems = []
+        for name, allowed in self.choices.items():
+            if getattr(self, name) not in allowed:
+                problems.append(
+                    f"{name} must be one of {list(allowed)}; got {getattr(self, name)!r}"
+                )
+        for name, low in self.at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                problems.append(f"{name} must be at least {low}; got {value}")
+        for name, (low, high) in self.within.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                problems.append(f"{name} must be in [{low}, {high}]; got {value}")
+        return problems
+
+    def problems(self) -> list[str]:
+        """What is wrong with this config beyond the declared checks (rules joining fields);
+        each problem is one clause of the ``ValueError`` the config raises when made."""
+        return []
 
     def replace(self, **changes: Any) -> MethodConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -102,6 +148,31 @@ class SegmentationMethod(nn.Module):
     def encode_image(self, images: Tensor) -> Any:
         """Encode ``B×3×H×W`` images in [0, 1]; the result is what :meth:`segment` consumes."""
         raise NotImplementedError
+
+    def check_options(self, options: dict[str, Any], known: Sequence[str] = ()) -> None:
+        """Refuse :meth:`segment` options the method does not know (a typo must not be ignored).
+
+        Raises:
+            OptionError: naming the unknown options and the known ones.
+        """
+        unknown = sorted(set(options) - set(known))
+        if unknown and not known:
+            raise OptionError(f"{self.name} takes no options; got {unknown}.")
+        if unknown:
+            raise OptionError(f"Unknown {self.name} option(s) {unknown}; known: {list(known)}.")
+
+    def config_with_options(self, options: dict[str, Any], known: Sequence[str]) -> MethodConfig:
+        """The config with this call's ``options`` (among ``known``, each a config field) in
+        place of its own, checked as a config is.
+
+        Raises:
+            OptionError: an unknown option, or a value the config refuses.
+        """
+        self.check_options(options, known)
+        try:
+            return self.config.replace(**options)
+        except ValueError as error:
+            raise OptionError(str(error)) from None
 
     def segment(
         self,

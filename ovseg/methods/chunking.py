@@ -5,6 +5,10 @@ so they can run on a few classes at a time. Without autograd (inference) the chu
 into one preallocated output (:func:`write_classes`) instead of being concatenated, so the full
 ``B×K×...`` tensor exists once; with autograd (training) they are concatenated, which the backward
 pass needs. The same chunks give the same bits either way.
+
+A method that runs only a subset of the vocabulary per image (DCP-CLIP's selected classes) batches
+the subsets padded to the largest (:func:`pad_class_subsets`) and scatters the results back into
+the whole vocabulary (:func:`scatter_class_subsets`).
 """
 
 from __future__ import annotations
@@ -80,6 +84,33 @@ def per_class(module: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tens
 def classes_of(x: Tensor) -> ClassSource:
     """Class slice → those classes of ``x`` (``B×K×...``)."""
     return lambda index: x[:, index]
+
+
+def pad_class_subsets(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's classes of a ``B×K`` bool selection as one ``B×S`` index tensor, S the largest
+    subset of the batch, and its ``B×S`` mask of real entries.
+
+    The indices of an image are sorted; its padding repeats its first class, so every entry is a
+    valid class. Every image must select at least one class.
+    """
+    rows = [row.nonzero().flatten().tolist() for row in selected]
+    width = max(len(row) for row in rows)
+    indices = [row + [row[0]] * (width - len(row)) for row in rows]
+    mask = [[True] * len(row) + [False] * (width - len(row)) for row in rows]
+    device = selected.device
+    return torch.tensor(indices, dtype=torch.long, device=device), torch.tensor(mask, device=device)
+
+
+def scatter_class_subsets(
+    values: Tensor, indices: Tensor, mask: Tensor, classes: int, fill: float
+) -> Tensor:
+    """``B×S×...`` values of the classes :func:`pad_class_subsets` gave → ``B×K×...``, ``fill``
+    for the classes an image did not select."""
+    images = []
+    for image_values, image_indices, image_mask in zip(values, indices, mask, strict=True):
+        full = image_values.new_full((classes, *image_values.shape[1:]), fill)
+        images.append(full.index_copy(0, image_indices[image_mask], image_values[image_mask]))
+    return torch.stack(images)
 
 
 def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:

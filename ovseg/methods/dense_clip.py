@@ -14,7 +14,6 @@ from typing import Any
 from torch import Tensor
 
 from ovseg.backbones import ClipBackbone, DenseFeatures
-from ovseg.errors import OptionError
 from ovseg.methods.base import (
     MethodConfig,
     SegmentationMethod,
@@ -88,8 +87,7 @@ class DenseClip(SegmentationMethod):
         target: Tensor | None = None,
         **options: Any,
     ) -> SegmentationOutput:
-        if options:
-            raise OptionError(f"dense-clip takes no options; got {sorted(options)}.")
+        self.check_options(options)
         text = self.backbone.encode_text(vocabulary, self.config.templates)
         cost_volume = cosine_cost_volume(image_features.dense, text.mean)  # B×K×h×w
         logits = upsample_logits(cost_volume / self.config.temperature, image_features.input_size)

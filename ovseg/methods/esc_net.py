@@ -1,30 +1,25 @@
 """ESC-Net: Effective SAM Combination for open-vocabulary segmentation (Lee et al.).
 
-The file follows Section 3 of the paper (spec: ``specs/esc-net.md``). ESC-Net is a one-stage,
-CAT-Seg-style model: a CLIP cosine cost volume (Eq. 1) is refined by N = 4 ESC blocks and decoded by
-a small U-Net (Sec. 3.6). Each ESC block (:meth:`EscNet.esc_block`, Fig. 2)
+The file follows Section 3 of the paper (spec: ``specs/esc-net.md``). A CLIP cosine cost volume
+(Eq. 1) is refined by N ESC blocks and decoded by a small U-Net (Sec. 3.6). Each ESC block
+(:meth:`EscNet.esc_block`, Fig. 2)
 
 1. turns every class's activation map into SAM prompts with the parameter-free **Pseudo Prompt
-   Generator** (:func:`pseudo_prompts`, Sec. 3.3: spatial softmax, threshold α, k-means on pixel
-   coordinates into N_o = 5 regions, one peak point and one mask per region);
-2. embeds them with SAM's **pretrained prompt encoder** (:class:`SamPromptEncoding`) and runs one
-   **pretrained SAM mask-decoder two-way block** (:class:`SamBlock`, Sec. 3.4) batched over
-   classes on the CLIP vision features; the per-class refined features are fused into one
-   class-agnostic ``F'_v`` (Eq. 2);
+   Generator** (:func:`pseudo_prompts`, Sec. 3.3);
+2. embeds them with SAM's pretrained prompt encoder (:class:`GridPromptEncoder`) and runs one
+   **pretrained SAM two-way block** (:class:`SamBlock`, Sec. 3.4) batched over classes; the
+   per-class features are fused into one class-agnostic ``F'_v`` (Eq. 2);
 3. refines the embedded cost volume with the **VLF** block (:class:`VisionLanguageFusion`,
-   Sec. 3.5): Swin window attention guided by ``F'_v``, then linear attention over classes with
-   the text embeddings as keys and values.
+   Sec. 3.5).
 
-SAM's image encoder is never part of the model. Without trained head weights the method runs its
-training-free path instead: pseudo prompts from the MaskCLIP cost volume are decoded by a full
-pretrained SAM (its own image encoder and mask decoder) and each mask is labelled by its class.
+SAM's image encoder is never part of the model. Without trained head weights the method runs
+ovseg's training-free path instead (:func:`~ovseg.methods.training_free.sam_prompted_logits`).
 
 Where the paper is silent the spec's §9 recommendations are used: τ = 0.01 and α = 1/(h·w) for
 the PPG (A7), farthest-point-seeded Lloyd k-means with 10 iterations (A8), the SAM layers copied
 in the order [L0, L1, L0, L1] (A2), one projected text token replacing SAM's output tokens (A3),
 ``F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])`` (A5), SAM's mask prompt of the union of the 5
-regions as each class's dense prompt (A9: SAM takes one mask per prompt set, and an average of the
-5 region embeddings would only be that union at a fifth of its strength), ``S_k = S_{k-1} +
+regions as each class's dense prompt (A9: SAM takes one mask per prompt set), ``S_k = S_{k-1} +
 ZeroConv(C'_k)`` as the next block's map (A11), CAT-Seg's Swin and decoder sizes (A12, A13; with
 ViT-B/16 at the paper's 336 px, window 7 on the 21×21 grid, A18), per-pixel BCE (A14), and CLIP's
 Q/V projections and position embeddings tuned with the SAM layers at 2e-6 and the rest at 2e-4
@@ -40,107 +35,58 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import PromptEncoder
 from segment_anything.utils.amg import batched_mask_to_box
 from torch import Tensor, nn
 
 from ovseg.backbones import ClipBackbone, DenseFeatures, SamBackbone
-from ovseg.backbones.sam import load_sam
+from ovseg.backbones.sam import GridPromptEncoder, load_sam
 from ovseg.errors import OptionError
+from ovseg.methods import optimiser
 from ovseg.methods.attention import LinearAttention, Mlp, SwinBlock
-from ovseg.methods.base import (
-    IGNORE_INDEX,
-    MethodConfig,
-    SegmentationMethod,
-    SegmentationOutput,
-    VocabularyLike,
-)
+from ovseg.methods.base import MethodConfig, SegmentationMethod, SegmentationOutput, VocabularyLike
 from ovseg.methods.blocks import DoubleConv, cosine_cost_volume
 from ovseg.methods.builder import method_builder, register_method
 from ovseg.methods.chunking import class_slices, per_class, upsample_logits
+from ovseg.methods.losses import one_hot_bce
+from ovseg.methods.training_free import sam_prompted_logits
 
 SHIPPED_WEIGHTS = "esc-net-toy.safetensors"
 PROMPT_TYPES = ("point", "box", "mask")
-DENSE_PROMPT_MODES = ("union", "mean")
-CLIP_FINETUNE_MODES = ("attention", "full", "none")
 
 
 @dataclass
 class EscNetConfig(MethodConfig):
-    """ESC-Net settings (beyond :class:`MethodConfig`). Defaults are the paper's full model.
-
-    SAM (Sec. 3.3–3.4, Table 2):
-        num_blocks: N, ESC blocks (one SAM layer each).
-        sam: SAM architecture name (``"vit_b"``, ``"toy"`` …, see ``SAM_CONFIGS``).
-        sam_checkpoint: SAM weights (official ``.pth`` or a ``SamBackbone.save`` file); None
-            with ``sam="toy"`` is the shipped ToyWorld SAM. Read to initialise a new head's SAM
-            parts, and by the training-free path when it first runs; head weights carry their
-            own SAM parts and do not need it.
-        use_sam: False removes the PPG and the SAM blocks (Table 2 a); the VLF guidance is then
-            the projected CLIP features.
-        sam_pretrained: False initialises the SAM blocks and prompt encoder randomly (Table 2 b).
-        prompt_types: any non-empty combination of ``"point"``, ``"box"``, ``"mask"`` (Table 3).
-        dense_prompt: the class's dense prompt (A9). ``"union"`` (default): SAM's mask prompt
-            of the union of the N_o regions, i.e. of the binary mask (c): one mask per prompt
-            set, as SAM takes it; the regions reach SAM through their points. ``"mean"``: the
-            average of the N_o region embeddings, the setting the shipped toy head was trained
-            with. SAM's mask downscaling maps a ±κ mask cell by cell to one of two vectors, so
-            this average is exactly ``d0 + (fg/N_o)·(d1 − d0)``: the union at 1/N_o strength,
-            kept only for that head and as an ablation.
-
-    Pseudo Prompt Generator (Sec. 3.3):
-        num_objects: N_o, regions and points per class.
-        ppg_tau: temperature of the spatial softmax.
-        ppg_alpha: threshold α on the softmax probability (None: 1/(h·w), "above uniform").
-        kmeans_iterations: Lloyd iterations.
-        mask_logit: κ, the magnitude of the ±κ mask-prompt logits.
-
-    VLF and decoder (Sec. 3.5–3.6):
-        hidden_dim: D_h, the embedded cost-volume width.
-        swin_heads, window_size, mlp_ratio: the guided Swin pair (and the MLPs' width). The
-            window must divide the patch grid (or exceed it): ViT-B/16 at the paper's 336 px has a
-            21×21 grid, so its paper config uses window 7 (spec A18).
-        window_padding: let a grid that is not a whole number of windows run anyway, padded to
-            whole windows with the padding masked out of the attention (off: such a grid is an
-            error, since neither CAT-Seg nor the paper pads).
-        text_heads: heads of the linear text attention.
-        decoder_dims: widths of the two upsampling stages.
-        skip_dims: widths the two CLIP skip features are projected to.
-        skip_layers: 0-based ViT blocks whose tokens are the skips (None: a third and two thirds
-            of the depth, CAT-Seg's [3, 7] of ViT-B/16 and [7, 15] of ViT-L/14).
-        dense_mode: CLIP's dense readout for the head (``"standard"`` or ``"maskclip"``).
-
-    Training:
-        clip_finetune: ``"attention"`` (Q/V projections and position embeddings of both towers),
-            ``"full"`` or ``"none"``.
-        clip_lr_multiplier, sam_lr_multiplier: CLIP's and SAM's learning rates as a fraction of
-            the base (2e-6 / 2e-4).
-        weight_decay: AdamW weight decay of the parameter groups.
-        class_chunk_size: classes run through the per-class layers at a time (A20).
-
-    Training-free path:
-        temperature: divides the cosine scores into class probabilities.
-        training_free_box: prompt the full SAM with each region's box as well as its point.
-    """
+    """ESC-Net settings (beyond :class:`MethodConfig`); the defaults are the paper's full model."""
 
     templates: str | tuple[str, ...] = ("A photo of a {} in the scene.",)
-    sam: str = "toy"
+    # SAM (Sec. 3.3–3.4). use_sam=False drops the PPG and SAM blocks, leaving the projected CLIP
+    # features as the VLF guidance (Table 2 a); sam_pretrained=False starts them random (2 b).
+    sam: str = "toy"  # architecture, a key of SAM_CONFIGS
+    # None with sam="toy": the shipped ToyWorld SAM. Read for a new head's SAM parts and by the
+    # training-free path; head weights carry their own SAM parts.
     sam_checkpoint: str | None = None
     use_sam: bool = True
     sam_pretrained: bool = True
-    prompt_types: tuple[str, ...] = ("point", "mask")
+    prompt_types: tuple[str, ...] = ("point", "mask")  # any of PROMPT_TYPES (Table 3)
+    # "union" (A9) or "mean": the average of the N_o region embeddings, i.e. the union at 1/N_o
+    # strength, which the shipped toy head was trained with.
     dense_prompt: str = "union"
-    num_blocks: int = 4
+    num_blocks: int = 4  # N
+    # PPG (Sec. 3.3): N_o regions, softmax temperature, threshold α (None: 1/(h·w)), Lloyd
+    # iterations, and κ of the ±κ mask-prompt logits.
     num_objects: int = 5
     ppg_tau: float = 0.01
     ppg_alpha: float | None = None
     kmeans_iterations: int = 10
     mask_logit: float = 10.0
-    hidden_dim: int = 128
+    # VLF and decoder (Sec. 3.5–3.6). The window must divide the patch grid or exceed it (A18);
+    # window_padding=True pads the grid to whole windows instead, which neither CAT-Seg nor the
+    # paper does. skip_layers: 0-based ViT blocks (None: at a third and two thirds of the depth).
+    hidden_dim: int = 128  # D_h
     swin_heads: int = 4
     window_size: int = 12
     window_padding: bool = False
@@ -149,45 +95,49 @@ class EscNetConfig(MethodConfig):
     decoder_dims: tuple[int, int] = (64, 32)
     skip_dims: tuple[int, int] = (32, 16)
     skip_layers: tuple[int, int] | None = None
-    dense_mode: str = "standard"
+    dense_mode: str = "standard"  # CLIP's dense readout for the head
+    # Training (A16, A17): the CLIP scope tuned (ovseg.backbones.finetune), CLIP's and SAM's
+    # learning rates as fractions of the base one, and the classes per chunk (A20).
     clip_finetune: str = "attention"
     clip_lr_multiplier: float = 0.01
     sam_lr_multiplier: float = 0.01
     weight_decay: float = 1e-4
     class_chunk_size: int = 128
+    # Training-free path: the cosine scores' temperature; prompt with boxes as well as points.
     temperature: float = 0.01
     training_free_box: bool = True
 
-    def __post_init__(self) -> None:
-        self.prompt_types = tuple(self.prompt_types)
-        if self.sam_checkpoint is not None:
-            self.sam_checkpoint = str(self.sam_checkpoint)  # a Path too; the record is JSON
-        self.decoder_dims = tuple(self.decoder_dims)
-        self.skip_dims = tuple(self.skip_dims)
-        if self.skip_layers is not None:
-            self.skip_layers = tuple(self.skip_layers)
+    tuple_fields: ClassVar[tuple[str, ...]] = (
+        "prompt_types",
+        "decoder_dims",
+        "skip_dims",
+        "skip_layers",
+    )
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dense_prompt": ("union", "mean"),
+        "clip_finetune": ("attention", "full", "none"),
+        "dense_mode": ("standard", "maskclip"),
+    }
+    at_least: ClassVar[dict[str, float]] = {
+        "num_blocks": 1,
+        "num_objects": 1,
+        "class_chunk_size": 1,
+        "kmeans_iterations": 1,
+    }
+
+    def problems(self) -> list[str]:
         problems = []
         if not self.prompt_types or set(self.prompt_types) - set(PROMPT_TYPES):
             problems.append(f"prompt_types must be a non-empty subset of {PROMPT_TYPES}")
         if len(set(self.prompt_types)) != len(self.prompt_types):
             problems.append(f"prompt_types has duplicates: {self.prompt_types}")
-        if self.dense_prompt not in DENSE_PROMPT_MODES:
-            problems.append(f"dense_prompt must be one of {DENSE_PROMPT_MODES}")
-        if self.clip_finetune not in CLIP_FINETUNE_MODES:
-            problems.append(f"clip_finetune must be one of {CLIP_FINETUNE_MODES}")
-        if self.dense_mode not in ("standard", "maskclip"):
-            problems.append("dense_mode must be 'standard' or 'maskclip'")
         if len(self.decoder_dims) != 2 or len(self.skip_dims) != 2:
             problems.append("decoder_dims and skip_dims need two widths each (two stages)")
         if self.skip_layers is not None and len(self.skip_layers) != 2:
             problems.append("skip_layers needs two ViT block indices")
-        for name in ("num_blocks", "num_objects", "class_chunk_size", "kmeans_iterations"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
         if self.ppg_tau <= 0:
             problems.append("ppg_tau must be positive")
-        if problems:
-            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems) + ".")
+        return problems
 
 
 # --------------------------------------------------------------- Pseudo Prompt Generator (Sec. 3.3)
@@ -300,88 +250,6 @@ def _nearest_centroid(xy: Tensor, centroids: Tensor) -> Tensor:
     return ((xy[None, :, None] - centroids[:, None]) ** 2).sum(-1).argmin(dim=-1)
 
 
-# -------------------------------------------------------------------- SAM prompt encoder (Sec. 3.3)
-
-
-class SamPromptEncoding(nn.Module):
-    """SAM's pretrained prompt encoder, run on pseudo prompts in grid units (Sec. 3.3; A9, A10).
-
-    The encoder is SAM's own ``PromptEncoder`` built for the CLIP grid (``input_image_size`` =
-    ``image_embedding_size`` = ``h×w``), so a point's positional encoding is the dense PE of its
-    cell; its weights are the checkpoint's.
-    """
-
-    def __init__(
-        self,
-        *,
-        source: PromptEncoder,
-        grid: int,
-        prompt_types: Sequence[str],
-        dense_prompt: str = "union",
-        mask_logit: float = 10.0,
-    ) -> None:
-        """
-        Arguments:
-            source: a SAM prompt encoder whose weights are copied.
-            grid: side of the CLIP patch grid the prompts live on.
-            prompt_types: which of ``"point"``, ``"box"``, ``"mask"`` to embed.
-            dense_prompt: ``"union"`` (SAM's mask prompt of the regions' union) or ``"mean"``
-                (the average of the N_o region embeddings; see :class:`EscNetConfig`).
-            mask_logit: κ of the ±κ mask logits.
-        """
-        super().__init__()
-        self.encoder = PromptEncoder(
-            embed_dim=source.embed_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(grid, grid),
-            mask_in_chans=source.mask_downscaling[0].out_channels * 4,
-        )
-        self.encoder.load_state_dict(source.state_dict())
-        self.prompt_types = tuple(prompt_types)
-        self.dense_prompt = dense_prompt
-        self.mask_logit = mask_logit
-
-    def dense_pe(self, size: tuple[int, int]) -> Tensor:
-        """``C×h×w`` positional encoding of the image grid (SAM's ``get_dense_pe``)."""
-        return self.encoder.pe_layer(size)
-
-    def forward(self, prompts: PseudoPrompts) -> tuple[Tensor, Tensor]:
-        """Pseudo prompts of ``R`` maps → ``P_sparse`` (``R×T×C_s``) and ``P_dense``
-        (``R×C_s×h×w``), SAM's sparse and dense prompt embeddings.
-
-        ``T``: N_o points (+ SAM's padding point when there are no boxes), 2·N_o box corners.
-        """
-        rows, objects, height, width = prompts.regions.shape
-        encoder = self.encoder
-        dtype = encoder.no_mask_embed.weight.dtype
-        sparse = [encoder.no_mask_embed.weight.new_zeros(rows, 0, encoder.embed_dim)]
-        if "point" in self.prompt_types:
-            labels = torch.ones(rows, objects, device=prompts.points.device)
-            sparse.append(
-                encoder._embed_points(prompts.points, labels, pad="box" not in self.prompt_types)
-            )
-        if "box" in self.prompt_types:
-            corners = encoder._embed_boxes(prompts.boxes.reshape(rows * objects, 4))
-            sparse.append(corners.view(rows, 2 * objects, -1))
-        if "mask" not in self.prompt_types:
-            dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            return torch.cat(sparse, dim=1).to(dtype), dense.expand(rows, -1, height, width)
-        masks = prompts.regions.to(dtype)
-        if self.dense_prompt == "union":
-            masks = masks.amax(dim=1, keepdim=True)
-        # SAM mask prompts are logits at 4× the embedding grid, thresholded at 0.
-        masks = F.interpolate(masks.flatten(0, 1)[:, None], scale_factor=4, mode="nearest")
-        masks = self.mask_logit * (2 * masks - 1)
-        if self.dense_prompt == "union":
-            return torch.cat(sparse, dim=1).to(dtype), encoder._embed_masks(masks)
-        # The mean over regions commutes with mask_downscaling's last 1×1 convolution, its widest
-        # layer: averaging before it runs that layer once per map instead of N_o times.
-        *downscale, project = encoder.mask_downscaling
-        features = nn.Sequential(*downscale)(masks)
-        dense = project(features.view(rows, objects, *features.shape[1:]).mean(dim=1))
-        return torch.cat(sparse, dim=1).to(dtype), dense
-
-
 # ---------------------------------------------------------------------- SAM block (Sec. 3.4, Eq. 2)
 
 
@@ -395,15 +263,11 @@ class SamBlock(nn.Module):
         F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])
 
     The projected text token ``T_l^n`` of class n replaces SAM's output tokens (A3); the class's
-    dense prompt is added to the vision features as SAM adds its mask embedding.
+    dense prompt is added to the vision features as SAM adds its mask embedding. ``layer`` is a
+    SAM ``TwoWayAttentionBlock`` (copied, its ``skip_first_layer_pe`` kept), ``dim`` is C_s.
     """
 
     def __init__(self, *, layer: nn.Module, dim: int) -> None:
-        """
-        Arguments:
-            layer: a SAM ``TwoWayAttentionBlock`` (copied; its ``skip_first_layer_pe`` is kept).
-            dim: C_s, SAM's prompt width.
-        """
         super().__init__()
         self.layer = copy.deepcopy(layer)
         self.fuse = nn.Conv2d(2 * dim, dim, 1)
@@ -411,17 +275,9 @@ class SamBlock(nn.Module):
     def refine(
         self, vision_features: Tensor, queries: Tensor, dense_prompts: Tensor, key_pe: Tensor
     ) -> Tensor:
-        """``(F_v^n)'`` for a chunk of ``Kc`` classes of ``B`` images.
-
-        Arguments:
-            vision_features: ``B×C_s×h×w`` ``F_v``, the keys of SAM's two-way attention.
-            queries: ``(B·Kc)×T×C_s`` prompt tokens ``[T_l^n ; P_sparse^n]``.
-            dense_prompts: ``(B·Kc)×C_s×h×w`` ``P_dense^n``.
-            key_pe: ``C_s×h×w`` SAM's dense positional encoding of the grid.
-
-        Returns:
-            ``(B·Kc)×(h·w)×C_s`` refined vision features (SAM's updated keys).
-        """
+        """``(F_v^n)'``, ``(B·Kc)×(h·w)×C_s`` (SAM's updated keys), for ``Kc`` classes of ``B``
+        images from ``F_v`` (``B×C_s×h×w``), the prompt tokens ``[T_l^n ; P_sparse^n]``
+        (``(B·Kc)×T×C_s``), ``P_dense^n`` (``(B·Kc)×C_s×h×w``) and SAM's ``C_s×h×w`` dense PE."""
         batch = vision_features.shape[0]
         keys = vision_features[:, None] + dense_prompts.view(batch, -1, *dense_prompts.shape[1:])
         keys = keys.flatten(0, 1).flatten(2).transpose(1, 2)
@@ -452,15 +308,7 @@ class VisionLanguageFusion(nn.Module):
         text_heads: int,
         mlp_ratio: float,
     ) -> None:
-        """
-        Arguments:
-            hidden_dim: D_h, the embedded cost-volume width.
-            vision_dim: C_s, channels of the vision features ``F'_v``.
-            text_dim: D, the CLIP joint embedding width.
-            swin_heads, window_size: of the Swin pair.
-            text_heads: of the linear text attention.
-            mlp_ratio: MLP width as a multiple of ``hidden_dim``.
-        """
+        """``hidden_dim`` is D_h, ``vision_dim`` C_s (of ``F'_v``), ``text_dim`` CLIP's D."""
         super().__init__()
         self.embed = nn.Conv2d(1, hidden_dim, 1)
         self.guidance = nn.Conv2d(vision_dim, hidden_dim, 1)
@@ -539,13 +387,8 @@ class UpsamplingDecoder(nn.Module):
         widths: Sequence[int] = (64, 32),
         skip_widths: Sequence[int] = (32, 16),
     ) -> None:
-        """
-        Arguments:
-            hidden_dim: D_h of the input ``(B·K)×D_h×h×w``.
-            vision_widths: channels of the two CLIP skip features.
-            widths: output widths of the two stages.
-            skip_widths: widths the skips are projected to.
-        """
+        """``vision_widths``: the CLIP skips' channels, projected to ``skip_widths``; ``widths``:
+        the two stages' outputs."""
         super().__init__()
         self.skips = nn.ModuleList(
             nn.Sequential(nn.Conv2d(vision, skip, 3, padding=1), nn.ReLU())
@@ -582,14 +425,9 @@ class UpsamplingDecoder(nn.Module):
 
 @dataclass
 class EscNetFeatures:
-    """What :meth:`EscNet.encode_image` returns.
-
-    Attributes:
-        clip: CLIP's dense features (with the skip layers for the head, MaskCLIP features on the
-            training-free path).
-        sam_embeddings: ``B×C_s×g×g`` full-SAM image embeddings (training-free path only).
-        head: whether these were encoded for the trained head.
-    """
+    """What :meth:`EscNet.encode_image` returns: CLIP's dense features (with the skip layers for
+    the head, MaskCLIP's on the training-free path), the full SAM's ``B×C_s×g×g`` image
+    embeddings (training-free path only), and whether they were encoded for the head."""
 
     clip: DenseFeatures
     sam_embeddings: Tensor | None
@@ -620,11 +458,9 @@ def _default_skip_layers(depth: int) -> tuple[int, int]:
 
 
 class EscNet(SegmentationMethod):
-    """ESC-Net on a ViT CLIP: cost volume → N × (PPG → SAM block → VLF) → U-Net decoder.
-
-    The head runs when the module is training or ``trained_head`` is set; otherwise
-    :meth:`segment` takes the training-free path (pseudo prompts → full pretrained SAM).
-    """
+    """ESC-Net on a ViT CLIP: cost volume → N × (PPG → SAM block → VLF) → U-Net decoder. The
+    head runs when the module is training or ``trained_head`` is set; otherwise the training-free
+    path does."""
 
     name = "esc-net"
     config_class = EscNetConfig
@@ -633,14 +469,9 @@ class EscNet(SegmentationMethod):
     def __init__(
         self, *, config: EscNetConfig, backbone: ClipBackbone, sam: SamBackbone | None
     ) -> None:
-        """
-        Arguments:
-            config: the settings; ``input_size`` fixes the patch grid the prompt encoder uses.
-            backbone: a ViT CLIP; training the method sets its ``clip_finetune`` scope.
-            sam: the SAM whose prompt encoder and decoder layers are copied (pretrained, or
-                random for the Table 2 b ablation, or random for head weights to overwrite);
-                needed when ``use_sam``. Its image encoder is not used and may be absent.
-        """
+        """``sam``: the SAM whose prompt encoder and decoder layers are copied (pretrained, or
+        random for Table 2 b or for head weights to overwrite; its image encoder may be absent).
+        ``config.input_size`` fixes the patch grid the prompts live on."""
         super().__init__()
         if backbone.kind != "vit":
             raise ValueError(f"ESC-Net needs a ViT CLIP; {backbone.name} is a {backbone.kind}.")
@@ -660,7 +491,7 @@ class EscNet(SegmentationMethod):
         self.image_projection = nn.Conv2d(text_dim, vision_dim, 1)  # A4
         if config.use_sam:
             layers = sam.mask_decoder.transformer.layers
-            self.prompt_encoding = SamPromptEncoding(
+            self.prompt_encoding = GridPromptEncoder(
                 source=sam.prompt_encoder,
                 grid=self.grid,
                 prompt_types=config.prompt_types,
@@ -696,7 +527,19 @@ class EscNet(SegmentationMethod):
         # shallow copies the demo makes share one loaded SAM.
         self._loaded_sam: dict[str, SamBackbone] = {}
 
-    # ------------------------------------------------------------------------------ images
+    @classmethod
+    def from_settings(cls, config: EscNetConfig, backbone: ClipBackbone, head: bool) -> EscNet:
+        """The builder's factory (:mod:`ovseg.methods.builder`). Head weights hold every SAM part
+        ESC-Net uses, so with them SAM's architecture is enough; without a head the SAM parts
+        start from the checkpoint (or random ones: Table 2 b)."""
+        sam = load_sam(
+            config.sam,
+            config.sam_checkpoint,
+            pretrained=config.sam_pretrained and not head,
+            image_encoder=False,
+        )
+        return cls(config=config, backbone=backbone, sam=sam)
+
     def _uses_head(self) -> bool:
         return self.trained_head or self.training
 
@@ -726,7 +569,6 @@ class EscNet(SegmentationMethod):
             self._loaded_sam["sam"] = load_sam(self.config.sam, self.config.sam_checkpoint)
         return self._loaded_sam["sam"].to(device)
 
-    # ----------------------------------------------------------------------------- segment
     def segment(
         self,
         image_features: EscNetFeatures,
@@ -739,13 +581,11 @@ class EscNet(SegmentationMethod):
         """Segment encoded images with a vocabulary of ``K`` classes.
 
         Intermediates (on request): ``cost_volume`` (``B×K×h×w``, Eq. 1); with the head,
-        ``activation_maps`` (``B×(N+1)×K×h×w``: S_0 … S_N, Fig. 6); on the training-free path,
-        ``sam_masks`` (``B×K×H×W`` probabilities); and with SAM, ``pseudo_prompts``: one set per
-        ESC block (one set, from the cost volume, on the training-free path), each the PPG's
-        :class:`PseudoPrompts` per chunk of classes as in :attr:`EscBlockOutput.pseudo_prompts`.
+        ``activation_maps`` (``B×(N+1)×K×h×w``: S_0 … S_N, Fig. 6) and, with SAM,
+        ``pseudo_prompts``: each ESC block's :attr:`EscBlockOutput.pseudo_prompts`. The
+        training-free path returns its own (:func:`sam_prompted_logits`).
         """
-        if options:
-            raise OptionError(f"esc-net takes no options; got {sorted(options)}.")
+        self.check_options(options)
         if not isinstance(image_features, EscNetFeatures):
             raise ValueError("segment needs the EscNetFeatures that encode_image returns.")
         if image_features.head != self._uses_head():
@@ -762,9 +602,20 @@ class EscNet(SegmentationMethod):
             )
         text = self.backbone.encode_text(vocabulary, self.config.templates).mean  # F_l, K×D
         cost_volume = cosine_cost_volume(image_features.clip.dense, text)  # C_{v&l}, Eq. 1
-        if not image_features.head:
-            return self._training_free(image_features, cost_volume, return_intermediates)
-        return self._run_head(image_features.clip, text, cost_volume, return_intermediates)
+        if image_features.head:
+            return self._run_head(image_features.clip, text, cost_volume, return_intermediates)
+        return sam_prompted_logits(
+            cost_volume,
+            prompt_generator=self._ppg,
+            sam=self.training_free_sam,
+            sam_embeddings=image_features.sam_embeddings,
+            stride=image_features.clip.stride,
+            input_size=image_features.clip.input_size,
+            temperature=self.config.temperature,
+            class_chunk_size=self.config.class_chunk_size,
+            boxes=self.config.training_free_box,
+            return_intermediates=return_intermediates,
+        )
 
     def _run_head(
         self, clip: DenseFeatures, text: Tensor, cost_volume: Tensor, return_intermediates: bool
@@ -840,7 +691,9 @@ class EscNet(SegmentationMethod):
                 # Sec. 3.3: pseudo points and masks, from a map no gradient flows back through.
                 chunk_prompts = self._ppg(activation_map[:, chunk].detach().flatten(0, 1))
                 prompts.append(chunk_prompts)
-                sparse, dense = self.prompt_encoding(chunk_prompts)  # P_sparse^n, P_dense^n
+                sparse, dense = self.prompt_encoding(  # P_sparse^n, P_dense^n
+                    chunk_prompts.points, chunk_prompts.boxes, chunk_prompts.regions
+                )
                 text_queries = text_tokens[chunk][None].expand(batch, -1, -1).flatten(0, 1)
                 queries = torch.cat([text_queries[:, None], sparse], dim=1)  # [T_l^n ; P_sparse^n]
                 refined = sam_block.refine(vision_features, queries, dense, key_pe)  # (F_v^n)'
@@ -876,92 +729,12 @@ class EscNet(SegmentationMethod):
             iterations=config.kmeans_iterations,
         )
 
-    # ------------------------------------------------------------------- training-free path
-    @torch.no_grad()
-    def _training_free(
-        self, features: EscNetFeatures, cost_volume: Tensor, return_intermediates: bool
-    ) -> SegmentationOutput:
-        """DESIGN §5: pseudo prompts from the cost volume, decoded by the full pretrained SAM.
-
-        Every region's peak point (and box) prompts SAM; a class's mask is the maximum over its
-        N_o region masks, and ``log p_CLIP(class) + log σ(SAM mask)`` labels each pixel by the
-        class whose mask covers it and whose CLIP score agrees. Without a pretrained SAM the
-        logits are the cosine scores over the temperature (dense CLIP).
-        """
-        batch, classes = cost_volume.shape[:2]
-        size = features.clip.input_size
-        class_log_prob = upsample_logits(
-            (cost_volume / self.config.temperature).log_softmax(dim=1), size
-        )
-        sam = self.training_free_sam
-        if features.sam_embeddings is None:
-            intermediates = {"cost_volume": cost_volume} if return_intermediates else {}
-            return SegmentationOutput(logits=class_log_prob, intermediates=intermediates)
-        stride = features.clip.stride
-        scale = sam.image_size / max(size)  # SAM's ResizeLongestSide
-        logits = torch.empty_like(class_log_prob)
-        sam_masks = torch.empty_like(class_log_prob) if return_intermediates else None
-        prompts = []
-        for chunk in class_slices(classes, self.config.class_chunk_size):
-            chunk_prompts = self._ppg(cost_volume[:, chunk].flatten(0, 1))
-            prompts.append(chunk_prompts)
-            points = (chunk_prompts.points + 0.5) * stride * scale
-            # Inclusive grid boxes → inclusive pixel boxes: from a region's first pixel to its
-            # last one, the frame SAM's predictor gives its prompt encoder.
-            last_pixel = chunk_prompts.boxes.new_tensor([0, 0, stride - 1, stride - 1])
-            boxes = (chunk_prompts.boxes * stride + last_pixel) * scale
-            chunk_size = chunk.stop - chunk.start
-            for image in range(batch):
-                maps = slice(image * chunk_size, (image + 1) * chunk_size)
-                coords = points[maps].reshape(-1, 1, 2)
-                mask_logits, _ = sam.decode(
-                    features.sam_embeddings[image : image + 1],
-                    points=(coords, torch.ones(coords.shape[:2], device=coords.device)),
-                    boxes=boxes[maps].reshape(-1, 4) if self.config.training_free_box else None,
-                )
-                mask_logits = mask_logits.view(-1, self.config.num_objects, *mask_logits.shape[-2:])
-                mask_logits = sam.postprocess_masks(
-                    mask_logits.amax(dim=1)[None], original_size=size
-                )
-                log_mask = F.logsigmoid(mask_logits[0].to(logits.dtype))
-                logits[image, chunk] = class_log_prob[image, chunk] + log_mask
-                if sam_masks is not None:
-                    sam_masks[image, chunk] = log_mask.exp()
-        intermediates: dict[str, Any] = {}
-        if return_intermediates:
-            intermediates = {
-                "cost_volume": cost_volume,
-                "sam_masks": sam_masks,
-                "pseudo_prompts": [prompts],
-            }
-        return SegmentationOutput(logits=logits, intermediates=intermediates)
-
     # ---------------------------------------------------------------- loss and optimiser
     def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
-        """A14: per-pixel binary cross-entropy against one-hot targets over all K classes,
-        averaged over labelled pixels × classes; ``IGNORE_INDEX`` pixels do not count."""
+        """A14: per-pixel BCE against one-hot targets over all K classes, averaged over labelled
+        pixels × classes."""
         logits = upsample_logits(output.logits, target.shape[-2:])
-        target = target.long()
-        classes = torch.arange(logits.shape[1], device=target.device)
-        positives = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)
-        valid = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
-        losses = F.binary_cross_entropy_with_logits(logits, positives, reduction="none")
-        denominator = (valid.sum() * logits.shape[1]).clamp_min(1)
-        return {"loss_bce": (losses * valid).sum() / denominator}
-
-    @classmethod
-    def from_settings(cls, config: EscNetConfig, backbone: ClipBackbone, head: bool) -> EscNet:
-        """The builder's factory (:mod:`ovseg.methods.builder`). Head weights hold every SAM part
-        ESC-Net uses (prompt encoder, two-way layers), so with them SAM's architecture is enough:
-        its checkpoint is read if the training-free path runs. Without a head the SAM parts
-        start from the checkpoint (or random ones: Table 2 b)."""
-        sam = load_sam(
-            config.sam,
-            config.sam_checkpoint,
-            pretrained=config.sam_pretrained and not head,
-            image_encoder=False,
-        )
-        return cls(config=config, backbone=backbone, sam=sam)
+        return {"loss_bce": one_hot_bce(logits, target, ignore="exclude")}
 
     @property
     def clip_finetuning_scope(self) -> str:
@@ -974,31 +747,26 @@ class EscNet(SegmentationMethod):
         ``base_lr · multiplier`` (2e-6), the rest at ``base_lr`` (2e-4)."""
         self.set_clip_finetuning_scope()
         config = self.config
-        rates = {
-            "esc-net": base_lr,
-            "clip": base_lr * config.clip_lr_multiplier,
-            "sam": base_lr * config.sam_lr_multiplier,
-        }
-        groups: dict[str, list[nn.Parameter]] = {name: [] for name in rates}
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            if name.startswith("backbone."):
-                groups["clip"].append(parameter)
-            elif name.startswith("prompt_encoding.") or (
-                name.startswith("sam_blocks.") and ".layer." in name
-            ):
-                groups["sam"].append(parameter)
-            else:
-                groups["esc-net"].append(parameter)
-        return [
-            {"name": name, "params": params, "lr": rates[name], "weight_decay": config.weight_decay}
-            for name, params in groups.items()
-            if params
-        ]
+        return optimiser.parameter_groups(
+            self,
+            _parameter_group,
+            lr={
+                "esc-net": base_lr,
+                "clip": base_lr * config.clip_lr_multiplier,
+                "sam": base_lr * config.sam_lr_multiplier,
+            },
+            weight_decay=config.weight_decay,
+        )
 
 
-# ------------------------------------------------------------------------------------------ builder
+def _parameter_group(name: str, parameter: nn.Parameter) -> str:
+    if name.startswith("backbone."):
+        return "clip"
+    if name.startswith("prompt_encoding.") or (
+        name.startswith("sam_blocks.") and ".layer." in name
+    ):
+        return "sam"
+    return "esc-net"
 
 
 build_esc_net = register_method("esc-net")(

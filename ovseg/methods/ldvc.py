@@ -2,39 +2,31 @@
 
 The file follows Section 3 of the paper (spec: ``specs/ldvc.md``):
 
-1. **Vision-Language Prompt Tuning** (VLPT, Eqs. 1–2). CLIP stays frozen. Every layer of the image
-   tower gets fresh learnable prompt tokens (:class:`PromptedImageEncoder`), and so does every layer
-   of the text tower (:class:`PromptedTextEncoder`), whose prompts start from the per-layer hidden
-   states of a hand-crafted template ("pretrain" initialisation, Table 6).
-2. **Text adapter** (Eq. 3, :class:`TextAdapter`): class embeddings conditioned on the image,
-   ``T_new = Proj([T ⊙ V_g; T])``.
-3. **Local Consensus Transformer Decoder** (LCTD, Eqs. 4–7, :class:`LocalConsensusBlock`): pre-norm
-   blocks on the image tokens. Each adds a projected intermediate CLIP feature, runs the local
-   consensus self-attention (LCSA, Eqs. 8–12, :class:`RouteAttention`: every window of tokens
-   attends only to the tokens of its top-m most similar windows), then cross-attends from the image
-   tokens (queries) to the class embeddings (keys and values). The class embeddings are fixed
-   anchors: the same ``T_new`` feeds every block and the final product.
+1. **Vision-Language Prompt Tuning** (VLPT, Eqs. 1–2): CLIP stays frozen; every layer of both
+   towers gets fresh learnable prompt tokens (:class:`PromptedImageEncoder`,
+   :class:`PromptedTextEncoder`).
+2. **Text adapter** (Eq. 3, :class:`TextAdapter`): ``T_new = Proj([T ⊙ V_g; T])``.
+3. **Local Consensus Transformer Decoder** (LCTD, Eqs. 4–7, :class:`LocalConsensusBlock`) on the
+   image tokens, with local consensus self-attention (LCSA, Eqs. 8–12, :class:`RouteAttention`).
+   The class embeddings are fixed anchors: the same ``T_new`` feeds every block and Eq. 13.
 4. **Score map** (Eq. 13): ``S = T_new · V_oᵀ``, trained with ZegCLIP's sigmoid focal + dice loss
-   (weights 100 and 1, :func:`focal_dice_loss`).
+   (weights 100 and 1).
 
-Zero-shot protocol: inductive training sees only the seen class names (the trainer's vocabulary)
-and unseen-class pixels are ignore (255). ``self_training=True`` is the transductive option: the
-``unseen_classes`` names join the text encoder in training, and ignored pixels whose unseen-class
-probability is confident become pseudo-labels of the best unseen class (spec §3.1; the reference
-code pseudo-labels only ground-truth unseen pixels, which ToyWorld's targets cannot tell apart from
-other ignored pixels, hence the confidence threshold).
-
+Zero-shot protocol: inductive training sees only the seen class names and unseen-class pixels are
+ignored (255). ``self_training=True`` is the transductive option: the ``unseen_classes`` join the
+text encoder in training, and ignored pixels whose unseen-class probability is confident become
+pseudo-labels (spec §3.1; the reference code pseudo-labels only ground-truth unseen pixels, which
+ToyWorld's targets cannot tell apart from other ignored pixels, hence the confidence threshold).
 LDVC has no training-free path: without trained head weights :meth:`Ldvc.segment` raises
-:class:`UntrainedHeadError` (training still works: the head runs whenever the module trains).
+:class:`UntrainedHeadError` in eval mode.
 
-Where the paper is silent the spec's recommendations are used: ViT-B/16, prompts in every layer,
-ZegCLIP's prompt projection, prompt dropout 0.1, prompt LayerNorm and drop-path 0.1 in the frozen
-ViT; the text layout ``[SOS] p1..p6 name . [EOS]`` with prompts initialised from "this is a photo
-of a"; decoder intermediates from 0-based ViT layers (7, 11); 8 heads; MLP ratio 4; trunc-normal
-init; route attention on the pooled LCSA input without forcing the self-window. Deviations: the
-decoder's dropout acts on the attention probabilities of LCSA and on the output of every sub-layer
-(the shared cross-attention layer has no probability dropout); token grids must be whole windows
-(the padding variant of spec §2.6 is not implemented; the demo resizes to ``input_size``).
+Where the paper is silent the spec's recommendations are the config's defaults (ViT-B/16,
+ZegCLIP's prompt projection, LayerNorm and dropout, drop-path in the frozen ViT, text prompts from
+"this is a photo of a", intermediates of layers (7, 11), trunc-normal init), and LCSA routes on its
+pooled input without forcing the self-window. Deviations: the decoder's dropout acts on the
+attention probabilities of LCSA and on the output of every sub-layer (the cross-attention has no
+probability dropout); token grids must be whole windows (the padding variant of spec §2.6 is not
+implemented; the demo resizes to ``input_size``).
 """
 
 from __future__ import annotations
@@ -42,19 +34,26 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ovseg.backbones
 from ovseg.backbones import ClipBackbone, DenseFeatures
-from ovseg.backbones.clip import tokens_to_map
+from ovseg.backbones.clip import run_block, tokens_to_map
 from ovseg.caching import LruCache
-from ovseg.errors import OptionError, UntrainedHeadError
-from ovseg.methods.attention import Mlp, MultiHeadAttention, merge_heads, split_heads
+from ovseg.errors import UntrainedHeadError
+from ovseg.methods import optimiser
+from ovseg.methods.attention import (
+    Mlp,
+    MultiHeadAttention,
+    merge_heads,
+    split_heads,
+    window_partition,
+    window_unpartition,
+)
 from ovseg.methods.base import (
     IGNORE_INDEX,
     MethodConfig,
@@ -64,6 +63,7 @@ from ovseg.methods.base import (
 )
 from ovseg.methods.builder import method_builder, register_method
 from ovseg.methods.chunking import class_slices, upsample_logits
+from ovseg.methods.losses import focal_dice_loss
 from ovseg.vocabulary import class_synonyms
 
 SHIPPED_WEIGHTS = "ldvc-toy.safetensors"
@@ -79,10 +79,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class LdvcConfig(MethodConfig):
     """LDVC settings (beyond :class:`MethodConfig`). Defaults are the paper's COCO-Stuff model.
 
-    Input:
+    Attributes:
         image_normalisation: ``"clip"`` (CLIP's mean/std) or ``"imagenet"`` (ZegCLIP's configs).
-
-    Vision-language prompt tuning (§2.2–2.3, Tables 5–7):
         visual_prompt_tokens: K_v per layer (100 COCO-Stuff, 40 VOC; 0: no visual prompts).
         visual_prompt_depth: layers that get fresh visual prompts (None: all); later layers pass
             the previous prompt outputs through (VPT-deep with a shorter depth).
@@ -90,46 +88,31 @@ class LdvcConfig(MethodConfig):
             final hidden states before CLIP's ``ln_post``.
         prompt_dropout: dropout on the projected visual prompts.
         drop_path: stochastic depth of the frozen ViT's residual branches in training.
-        text_prompt_tokens: K_t per layer (0: no text prompts; the class name follows
-            ``text_prompt_template`` as ordinary tokens, the "frozen" regime).
-        text_prompt_depth: layers that get fresh text prompts (None: all; 0 is the same as
-            ``text_prompt_tokens=0``).
+        text_prompt_tokens: K_t per layer (0: the class name follows ``text_prompt_template`` as
+            ordinary tokens, the "frozen" regime).
+        text_prompt_depth: layers that get fresh text prompts (None: all; 0: as K_t = 0).
         text_prompt_init: ``"pretrain"`` (hidden states of ``text_prompt_template``) or
             ``"random"`` (Gaussian, std 0.02; Table 6).
-        text_prompt_template: the hand-crafted phrase whose hidden states initialise the text
-            prompts; with fewer BPE tokens than K_t the first slots are random.
-
-    Text adapter (§2.4):
+        text_prompt_template: the phrase whose hidden states initialise the text prompts; with
+            fewer BPE tokens than K_t the first slots are random.
         text_adapter: condition class embeddings on the image (Eq. 3); False uses T as T_new.
-
-    Local Consensus Transformer Decoder (§2.5–2.7, Tables 4, 8, 9):
-        decoder_blocks: number of LCTD blocks.
-        heads: attention heads of LCSA and the cross-attention.
-        mlp_ratio: MLP hidden width as a multiple of the decoder width.
+        decoder_blocks, heads, mlp_ratio: LCTD blocks, attention heads, MLP width ratio.
         dropout: dropout of the decoder (see the module docstring).
-        inter_layers: 0-based ViT layers whose tokens feed the blocks, one per block (None:
-            spaced a third of the depth apart ending at the last layer: (7, 11) for 12 layers).
-        route_attention: LCSA (True) or plain global self-attention ("w/o LCSA").
+        inter_layers: 0-based ViT layers feeding the blocks, one per block (None: a third of the
+            depth apart, ending at the last layer: (7, 11) of 12).
+        route_attention: LCSA (True) or plain global self-attention ("w/o LCSA", Table 4).
         window_size: n, the side of an LCSA window in tokens.
         top_m: m, routed windows per query window (clamped to the number of windows).
         final_norm: LayerNorm on V_o before Eq. 13 (a fallback; off in the paper).
         cosine_logits: cosine similarity times a learnable scale in Eq. 13 (a fallback).
-
-    Loss (§4.2):
-        focal_weight, dice_weight: 100 and 1.
-        focal_alpha, focal_gamma: 0.25 and 2.
+        focal_weight, dice_weight, focal_alpha, focal_gamma: the loss (§4.2: 100, 1, 0.25, 2).
         ignore_as_negative: ignored pixels are negatives of every class in the focal term
             (ZegCLIP); False leaves them out.
-
-    Zero-shot protocol (§3.1):
         self_training: transductive training with pseudo-labels for ``unseen_classes``.
         unseen_classes: unseen class names (used only with ``self_training``).
         pseudo_label_threshold: minimum unseen-class probability of a pseudo-labelled pixel.
         seen_prob_offset: subtracted from the sigmoid probabilities of the ``seen_classes``
-            segment option at inference (ZegCLIP's calibration; 0.1 for benchmarks). The
-            evaluation loops pass the seen names on every split with unseen classes.
-
-    Optimiser:
+            segment option at inference (ZegCLIP's calibration; 0.1 for benchmarks).
         weight_decay: AdamW weight decay of prompts, Linear and Conv weights (norms get none).
     """
 
@@ -167,61 +150,34 @@ class LdvcConfig(MethodConfig):
     seen_prob_offset: float = 0.0
     weight_decay: float = 0.01
 
-    def __post_init__(self) -> None:
-        if self.image_normalisation not in ("clip", "imagenet"):
-            raise ValueError(
-                "image_normalisation must be 'clip' or 'imagenet'; "
-                f"got {self.image_normalisation!r}."
-            )
-        if self.text_prompt_init not in ("pretrain", "random"):
-            raise ValueError(
-                f"text_prompt_init must be 'pretrain' or 'random'; got {self.text_prompt_init!r}."
-            )
-        for name in ("visual_prompt_tokens", "text_prompt_tokens", "decoder_blocks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}.")
-        if self.window_size < 1 or self.top_m < 1:
-            raise ValueError(
-                f"window_size and top_m must be >= 1; got {self.window_size}, {self.top_m}."
-            )
-        if not 0.0 <= self.seen_prob_offset < 1.0:
-            raise ValueError(f"seen_prob_offset must be in [0, 1); got {self.seen_prob_offset}.")
-        if self.inter_layers is not None:
-            self.inter_layers = tuple(self.inter_layers)
-        self.unseen_classes = tuple(self.unseen_classes)
+    tuple_fields: ClassVar[tuple[str, ...]] = ("inter_layers", "unseen_classes")
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "image_normalisation": ("clip", "imagenet"),
+        "text_prompt_init": ("pretrain", "random"),
+    }
+    at_least: ClassVar[dict[str, float]] = {
+        "visual_prompt_tokens": 0,
+        "text_prompt_tokens": 0,
+        "decoder_blocks": 0,
+        "window_size": 1,
+        "top_m": 1,
+    }
+
+    def problems(self) -> list[str]:
+        if 0.0 <= self.seen_prob_offset < 1.0:  # half-open: ``within`` includes its high end
+            return []
+        return [f"seen_prob_offset must be in [0, 1); got {self.seen_prob_offset}"]
 
 
 @dataclass
 class LdvcOutput(SegmentationOutput):
-    """:class:`SegmentationOutput` plus what the transductive loss needs.
-
-    Attributes:
-        unseen_logits: ``B×U×h×w`` score maps of the ``unseen_classes`` appended in transductive
-            training (None otherwise), at the token grid.
-    """
+    """:class:`SegmentationOutput` plus ``unseen_logits``: the ``B×U×h×w`` token-grid score maps
+    of the ``unseen_classes`` in transductive training (None otherwise)."""
 
     unseen_logits: Tensor | None = None
 
 
 # --------------------------------------------------- vision-language prompt tuning (§3.3, Eqs. 1–2)
-
-
-def _drop_path(residual: Tensor, probability: float, training: bool) -> Tensor:
-    """Stochastic depth: drop a sample's residual branch with ``probability``, rescale the rest."""
-    if probability == 0.0 or not training:
-        return residual
-    keep = 1.0 - probability
-    mask = residual.new_empty(residual.shape[0], *([1] * (residual.ndim - 1))).bernoulli_(keep)
-    return residual * mask / keep
-
-
-def _run_block(block: nn.Module, tokens: Tensor, drop_path: float, training: bool) -> Tensor:
-    """One frozen open_clip ``ResidualAttentionBlock``, with drop-path when training."""
-    if drop_path == 0.0 or not training:
-        return block(tokens)
-    attended = block.ls_1(block.attention(q_x=block.ln_1(tokens)))
-    tokens = tokens + _drop_path(attended, drop_path, training)
-    return tokens + _drop_path(block.ls_2(block.mlp(block.ln_2(tokens))), drop_path, training)
 
 
 def _prompt_depth(depth: int | None, layers: int, tokens: int) -> int:
@@ -237,8 +193,8 @@ class PromptedImageEncoder(nn.Module):
     """The frozen CLIP ViT with deep visual prompts (Eqs. 1–2).
 
     Layer i sees ``[CLS; e_p^(i); patches]``; the prompt outputs of a layer are discarded and the
-    next layer gets its own learnable prompts (up to ``depth``). Only the prompts (and ZegCLIP's
-    prompt projection and norm) train.
+    next layer gets its own learnable prompts (up to ``depth``). The CLIP is passed to
+    :meth:`forward`, not registered, so it stays a submodule of the backbone only.
     """
 
     def __init__(
@@ -251,16 +207,8 @@ class PromptedImageEncoder(nn.Module):
         dropout: float,
         drop_path: float,
     ) -> None:
-        """
-        Arguments:
-            backbone: a ViT CLIP (frozen by :class:`Ldvc`; passed to :meth:`forward` rather than
-                registered here, so the CLIP stays a submodule of the backbone only).
-            tokens: K_v, prompts per layer.
-            depth: layers with fresh prompts (None: all).
-            projection: ZegCLIP's prompt projection (Linear width→width) and prompt LayerNorm.
-            dropout: dropout on the projected prompts.
-            drop_path: stochastic depth of the frozen blocks in training.
-        """
+        """``backbone``: a ViT CLIP; ``tokens`` (K_v), ``depth``, ``projection``, ``dropout`` and
+        ``drop_path``: :class:`LdvcConfig`'s ``visual_prompt_*``, ``prompt_*`` and ``drop_path``."""
         super().__init__()
         width = backbone.layer_dims[0]
         self.depth = _prompt_depth(depth, backbone.num_layers, tokens)
@@ -283,33 +231,23 @@ class PromptedImageEncoder(nn.Module):
     ) -> DenseFeatures:
         """``B×3×H×W`` normalised images → L2-normalised V_l ``B×D×h×w`` and V_g ``B×D``, and
         the raw patch tokens ``B×width×h×w`` of ``layers`` (0-based) as ``"layer{i}"``."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"Expected images of shape B×3×H×W; got {tuple(images.shape)}.")
-        if images.shape[-2] % backbone.stride or images.shape[-1] % backbone.stride:
-            raise ValueError(
-                f"Image size {tuple(images.shape[-2:])} is not a multiple of the patch size "
-                f"{backbone.stride}."
-            )
-        visual = backbone.model.visual
-        batch = images.shape[0]
+        backbone.check_images(images)
+        batch, num_prompts = images.shape[0], self.num_tokens
         tokens, grid = backbone.vit_input_tokens(images)
-        num_prompts = self.num_tokens
         if num_prompts:
             tokens = torch.cat([tokens[:, :1], self._layer_prompts(0, batch), tokens[:, 1:]], 1)
         intermediates = {}
-        for index, block in enumerate(visual.transformer.resblocks):
+        for index, block in enumerate(backbone.model.visual.transformer.resblocks):
             if 0 < index < self.depth:  # Eq. 2: fresh prompts replace the previous outputs
                 prompts = self._layer_prompts(index, batch)
                 tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1 + num_prompts :]], dim=1)
-            tokens = _run_block(block, tokens, self.drop_path, self.training)
+            tokens = run_block(block, tokens, self.drop_path, self.training)
             if index in layers:
                 intermediates[f"layer{index}"] = tokens_to_map(tokens[:, 1 + num_prompts :], grid)
-        tokens = visual.ln_post(self.norm(tokens))
-        global_embedding = F.normalize(tokens[:, 0] @ visual.proj, dim=-1)
-        dense = F.normalize(tokens[:, 1 + num_prompts :] @ visual.proj, dim=-1)
+        global_embedding, dense = backbone.vit_readout(self.norm(tokens), skip=num_prompts)
         return DenseFeatures(
-            dense=tokens_to_map(dense, grid),
-            global_embedding=global_embedding,
+            dense=tokens_to_map(F.normalize(dense, dim=-1), grid),
+            global_embedding=F.normalize(global_embedding, dim=-1),
             intermediates=intermediates,
             attention=None,
             stride=backbone.stride,
@@ -321,11 +259,10 @@ class PromptedTextEncoder(nn.Module):
     """The frozen CLIP text transformer with deep text prompts (Eqs. 1–2).
 
     Token layout ``[SOS] p_1..p_Kt name . [EOS]``: the K_t prompts take positions 1..K_t of every
-    layer (fresh ones up to ``depth``), the class tokens follow at their own positions, and the
-    class embedding is read at [EOS]. CLIP's causal mask keeps the [SOS] and prompt states
-    independent of the class name, so with "pretrain" initialisation the untrained encoder
-    reproduces frozen CLIP on ``"{template} {name}."`` exactly. The CLIP is passed to every call,
-    not registered.
+    layer (fresh ones up to ``depth``) and the class embedding is read at [EOS]. CLIP's causal
+    mask keeps the [SOS] and prompt states independent of the class name, so with "pretrain"
+    initialisation the untrained encoder reproduces frozen CLIP on ``"{template} {name}."``
+    exactly. The CLIP is passed to every call, not registered.
     """
 
     def __init__(
@@ -337,14 +274,8 @@ class PromptedTextEncoder(nn.Module):
         init: str,
         template: str,
     ) -> None:
-        """
-        Arguments:
-            backbone: a CLIP with a causal text transformer pooled at [EOS].
-            tokens: K_t, prompts per layer (0: the template is ordinary text).
-            depth: layers with fresh prompts (None: all).
-            init: ``"pretrain"`` or ``"random"``.
-            template: the hand-crafted phrase for ``"pretrain"`` (and for ``tokens=0``).
-        """
+        """``backbone``: a CLIP with a causal text transformer pooled at [EOS]; ``tokens`` (K_t),
+        ``depth``, ``init`` and ``template``: :class:`LdvcConfig`'s ``text_prompt_*``."""
         super().__init__()
         model = backbone.model
         if not isinstance(getattr(model, "attn_mask", None), Tensor):
@@ -363,53 +294,27 @@ class PromptedTextEncoder(nn.Module):
         """Per-layer hidden states of the template tokens (layer 0: token + position embedding,
         layer i: the output of layer i−1), right-aligned in the K_t prompt slots; slots before a
         short template keep their random layer-0 values and are propagated like tokens."""
-        model, tokenizer = backbone.model, backbone.tokenizer
-        words = tokenizer.encode(self.template)
+        model = backbone.model
+        words = backbone.tokenizer.encode(self.template)
         if len(words) > self.num_tokens:
             raise ValueError(
                 f"The prompt template {self.template!r} has {len(words)} BPE tokens; "
                 f"text_prompt_tokens={self.num_tokens} cannot hold them."
             )
-        device = model.token_embedding.weight.device
-        length = 1 + self.num_tokens
-        ids = torch.tensor([tokenizer.sot_token_id], device=device)
-        hidden = model.token_embedding(ids)[None]
-        padding = torch.zeros(self.num_tokens - len(words), dtype=torch.long, device=device)
-        template_ids = torch.cat([padding, torch.tensor(words, device=device)])
-        template = model.token_embedding(template_ids)[None]
-        hidden = torch.cat([hidden, template], dim=1) + model.positional_embedding[:length]
         random_slots = self.num_tokens - len(words)
+        # [SOS] and the K_t slots; the causal states before [EOS] do not depend on it.
+        ids = backbone.text_token_ids([self.template], reserved=random_slots)[:, :-1]
+        length = ids.shape[1]
+        hidden = model.token_embedding(ids) + model.positional_embedding[:length]
         hidden[0, 1 : 1 + random_slots] = random_prompts[0, :random_slots].to(hidden.dtype)
         states = []
-        for index, block in enumerate(model.transformer.resblocks):
-            if index == self.depth:
-                break
+        for block in model.transformer.resblocks[: self.depth]:
             states.append(hidden[0, 1:].clone())
             hidden = block(hidden, attn_mask=model.attn_mask[:length, :length])
         return torch.stack(states).to(random_prompts.dtype)
 
-    def token_ids(self, names: Sequence[str], backbone: ClipBackbone) -> Tensor:
-        """``N×L`` token ids with zeros in the prompt slots (``[SOS] 0..0 name . [EOS] pad``).
-
-        Names longer than the context are cut, keeping [EOS] (as CLIP's tokenizer does).
-        """
-        model, tokenizer = backbone.model, backbone.tokenizer
-        context = model.attn_mask.shape[0]
-        rows = []
-        for name in names:
-            text = f"{name}." if self.num_tokens else f"{self.template} {name}."
-            words = tokenizer.encode(text)[: context - 2 - self.num_tokens]
-            rows.append(
-                [tokenizer.sot_token_id] + [0] * self.num_tokens + words + [tokenizer.eot_token_id]
-            )
-        length = max(len(row) for row in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        for index, row in enumerate(rows):
-            ids[index, : len(row)] = torch.tensor(row)
-        return ids.to(model.token_embedding.weight.device)
-
     def forward(self, names: Sequence[str], backbone: ClipBackbone) -> Tensor:
-        """``N`` class names → ``N×D`` L2-normalised class embeddings T (batched)."""
+        """``N`` class names → ``N×D`` L2-normalised class embeddings T (in batches)."""
         return torch.cat(
             [
                 self._encode(names[index], backbone)
@@ -419,7 +324,8 @@ class PromptedTextEncoder(nn.Module):
 
     def _encode(self, names: Sequence[str], backbone: ClipBackbone) -> Tensor:
         model = backbone.model
-        ids = self.token_ids(names, backbone)
+        texts = [f"{name}." if self.num_tokens else f"{self.template} {name}." for name in names]
+        ids = backbone.text_token_ids(texts, reserved=self.num_tokens)  # zeros in prompt slots
         length = ids.shape[1]
         hidden = model.token_embedding(ids) + model.positional_embedding[:length]
         mask = model.attn_mask[:length, :length]
@@ -430,11 +336,7 @@ class PromptedTextEncoder(nn.Module):
                     [hidden[:, :1], prompts, hidden[:, 1 + self.num_tokens :]], dim=1
                 )
             hidden = block(hidden, attn_mask=mask)
-        hidden = model.ln_final(hidden)
-        pooled = hidden[torch.arange(len(names), device=ids.device), ids.argmax(dim=-1)]
-        projection = model.text_projection
-        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(backbone.text_readout(hidden, ids), dim=-1)
 
 
 # ----------------------------------------------------------------------------- text adapter (Eq. 3)
@@ -477,29 +379,11 @@ class Routing:
         """The ids of Eq. 10 for one query window, as ``B×m×2`` (row, column) on the window
         grid; ``window`` is a row-major window index or its (row, column) on :attr:`grid`."""
         rows, cols = self.grid
-        if not isinstance(window, int):
-            row, col = window
-            if not (0 <= row < rows and 0 <= col < cols):
-                raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
-            window = row * cols + col
-        if not 0 <= window < rows * cols:
+        row, col = divmod(window, cols) if isinstance(window, int) else window
+        if not (0 <= row < rows and 0 <= col < cols):
             raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
-        chosen = self.indices[:, window]
+        chosen = self.indices[:, row * cols + col]
         return torch.stack([chosen // cols, chosen % cols], dim=-1)
-
-
-def _windows(tokens: Tensor, size: int) -> Tensor:
-    """``B×h×w×C`` → ``B×S_w×n²×C`` (row-major windows, row-major tokens inside)."""
-    batch, height, width, channels = tokens.shape
-    tokens = tokens.view(batch, height // size, size, width // size, size, channels)
-    return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, size * size, channels)
-
-
-def _unwindow(tokens: Tensor, size: int, grid: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`_windows`: ``B×S_w×n²×C`` → ``B×h×w×C``."""
-    batch, _, _, channels = tokens.shape
-    tokens = tokens.view(batch, grid[0], grid[1], size, size, channels)
-    return tokens.permute(0, 1, 3, 2, 4, 5).reshape(batch, grid[0] * size, grid[1] * size, -1)
 
 
 class RouteAttention(nn.Module):
@@ -515,15 +399,9 @@ class RouteAttention(nn.Module):
     def __init__(
         self, *, dim: int, heads: int, window_size: int, top_m: int, route: bool, dropout: float
     ) -> None:
-        """
-        Arguments:
-            dim: token width D (divisible by ``heads``).
-            heads: attention heads.
-            window_size: n, the window side in tokens.
-            top_m: m, routed windows per query window (clamped to the number of windows).
-            route: False: plain global self-attention.
-            dropout: dropout on the attention probabilities in training.
-        """
+        """``dim``: D, divisible by ``heads``; ``window_size``: n; ``top_m``: m (clamped to the
+        number of windows); ``route=False``: plain global self-attention; ``dropout``: on the
+        attention probabilities in training."""
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}.")
@@ -553,10 +431,8 @@ class RouteAttention(nn.Module):
         return Routing(indices=indices, affinity=affinity.detach(), grid=grid)
 
     def forward(self, tokens: Tensor, *, top_m: int | None = None) -> tuple[Tensor, Routing | None]:
-        """``B×h×w×D`` tokens → ``B×h×w×D`` and the routing (None for plain attention).
-
-        ``top_m`` overrides the configured m for this call (the demo's m slider).
-        """
+        """``B×h×w×D`` tokens → ``B×h×w×D`` and the routing (None for plain attention);
+        ``top_m`` overrides m for this call."""
         batch, height, width, channels = tokens.shape
         query, key, value = self.qkv(tokens).chunk(3, dim=-1)  # Eq. 9
         dropout = self.dropout if self.training else 0.0
@@ -566,14 +442,14 @@ class RouteAttention(nn.Module):
             merged = merge_heads(attended).view(batch, height, width, channels)
             return self.output(merged), None
         routing = self.routing(tokens, top_m)
-        size = self.window_size
-        query, key, value = (_windows(t, size) for t in (query, key, value))  # B×S_w×n²×D
+        window = (self.window_size, self.window_size)
+        query, key, value = (window_partition(t, window) for t in (query, key, value))  # B×S_w×n²×D
         batch_index = torch.arange(batch, device=tokens.device)[:, None, None]
         routed_keys = key[batch_index, routing.indices].flatten(2, 3)  # Eq. 11: B×S_w×m·n²×D
         routed_values = value[batch_index, routing.indices].flatten(2, 3)
         q, k, v = (split_heads(t, self.heads) for t in (query, routed_keys, routed_values))
         attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # Eq. 12
-        merged = _unwindow(merge_heads(attended), size, routing.grid)
+        merged = window_unpartition(merge_heads(attended), window, routing.grid)
         return self.output(merged), routing
 
 
@@ -596,15 +472,9 @@ class LocalConsensusBlock(nn.Module):
         mlp_ratio: float,
         dropout: float,
     ) -> None:
-        """
-        Arguments:
-            dim: D, the decoder width (CLIP's joint embedding width).
-            feature_dim: width of the intermediate CLIP tokens V_j.
-            heads: attention heads.
-            window_size, top_m, route: LCSA settings (see :class:`RouteAttention`).
-            mlp_ratio: MLP hidden width as a multiple of ``dim``.
-            dropout: dropout on each sub-layer's output (and LCSA's attention probabilities).
-        """
+        """``dim``: D, CLIP's joint embedding width; ``feature_dim``: the width of V_j;
+        ``heads``, ``window_size``, ``top_m``, ``route``: see :class:`RouteAttention`; ``dropout``:
+        on each sub-layer's output (and LCSA's attention probabilities)."""
         super().__init__()
         self.feature_projection = nn.Conv2d(feature_dim, dim, 1)  # Eq. 4
         self.norm1 = nn.LayerNorm(dim)
@@ -669,11 +539,7 @@ def _default_inter_layers(depth: int, blocks: int) -> tuple[int, ...]:
 
 
 class Ldvc(SegmentationMethod):
-    """LDVC on a frozen ViT CLIP: VLPT → text adapter → LCTD → ``S = T_new · V_oᵀ``.
-
-    The head runs when the module is training or ``trained_head`` is set; otherwise
-    :meth:`segment` raises :class:`UntrainedHeadError` (LDVC has no training-free path).
-    """
+    """LDVC on a frozen ViT CLIP: VLPT → text adapter → LCTD → ``S = T_new · V_oᵀ``."""
 
     name = "ldvc"
     config_class = LdvcConfig
@@ -764,11 +630,8 @@ class Ldvc(SegmentationMethod):
     def _init_head(self) -> None:
         """Trunc-normal(0.02) Linear and Conv weights with zero biases (ZegCLIP); the prompts
         keep their own initialisation and the LayerNorms PyTorch's."""
-        modules = [self.blocks, self.text_adapter, self.image_encoder.projection]
-        for root in modules:
-            if root is None:
-                continue
-            for module in root.modules():
+        for root in (self.blocks, self.text_adapter, self.image_encoder.projection):
+            for module in root.modules() if root is not None else ():
                 if isinstance(module, (nn.Linear, nn.Conv2d)):
                     nn.init.trunc_normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
@@ -780,19 +643,15 @@ class Ldvc(SegmentationMethod):
 
     # ----------------------------------------------------------------- prompted encoders (Eqs. 1–2)
     def encode_image(self, images: Tensor) -> DenseFeatures:
-        """``B×3×H×W`` images in [0, 1] → prompted CLIP features: V_l ``B×D×h×w`` and V_g
-        ``B×D`` (L2-normalised) and the intermediate tokens V_j ``B×width×h×w`` of
-        ``inter_layers`` (``"layer{i}"``)."""
+        """``B×3×H×W`` images in [0, 1] → the prompted CLIP features V_l, V_g and V_j of
+        ``inter_layers`` (see :class:`PromptedImageEncoder`)."""
         normalised = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
         return self.image_encoder(normalised, self.backbone, self.inter_layers)
 
     def encode_classes(self, vocabulary: VocabularyLike) -> Tensor:
         """T ``K×D``: the prompted text embeddings of each class's synonyms, summed and
-        L2-normalised.
-
-        Without a gradient into the prompts, vocabularies and single names are cached by the
-        prompts' version, so a vocabulary edit encodes only its new names.
-        """
+        L2-normalised. Without a gradient into the prompts, vocabularies and single names are
+        cached by the prompts' version, so a vocabulary edit encodes only its new names."""
         classes = class_synonyms(vocabulary)
         prompts = self.text_encoder.prompts
         needs_grad = torch.is_grad_enabled() and prompts.requires_grad and prompts.numel() > 0
@@ -848,11 +707,7 @@ class Ldvc(SegmentationMethod):
         Raises:
             UntrainedHeadError: in eval mode without trained head weights.
         """
-        unknown = set(options) - set(SEGMENT_OPTIONS)
-        if unknown:
-            raise OptionError(
-                f"Unknown ldvc option(s) {sorted(unknown)}; known: {SEGMENT_OPTIONS}."
-            )
+        self.check_options(options, SEGMENT_OPTIONS)
         if not (self.trained_head or self.training):
             raise UntrainedHeadError(
                 "LDVC has no training-free path and this model has no trained head weights "
@@ -925,12 +780,10 @@ class Ldvc(SegmentationMethod):
 
     # -------------------------------------------------------------------------- loss (focal + dice)
     def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:
-        """Focal + dice (weights 100 and 1) on the score maps upsampled to the target size.
-
-        In transductive self-training the unseen-class maps join the vocabulary's, and ignored
-        pixels whose best unseen-class probability reaches ``pseudo_label_threshold`` are
-        labelled with that class (the model's own detached prediction).
-        """
+        """Focal + dice (§4.2, :func:`~ovseg.methods.losses.focal_dice_loss`) on the score maps
+        upsampled to the target size. In transductive self-training the unseen-class maps join
+        the vocabulary's, and ignored pixels whose best unseen-class probability reaches
+        ``pseudo_label_threshold`` are labelled with that class (a detached prediction)."""
         logits = upsample_logits(output.logits, target.shape[-2:])
         target = target.long()
         unseen = getattr(output, "unseen_logits", None)
@@ -952,104 +805,30 @@ class Ldvc(SegmentationMethod):
             ignore_as_negative=self.config.ignore_as_negative,
         )
 
-    # ------------------------------------------------------------------------ optimiser
+    # ------------------------------------------------------------------------------------ optimiser
     def parameter_groups(self, base_lr: float) -> list[dict[str, Any]]:
-        """AdamW groups: every trainable tensor (visual prompts, text prompts, adapter, decoder)
-        at ``base_lr`` (2e-4): no zero multiplier that would freeze the text prompts (spec §4.1).
-        Prompts, Linear and Conv weights decay by ``config.weight_decay``; norms, biases and the
-        logit scale do not."""
-        decay = self.config.weight_decay
-        group_of_prefix = {
+        """AdamW groups, all at ``base_lr`` (2e-4; spec §4.1: no zero multiplier that would
+        freeze the text prompts). Prompts, Linear and Conv weights decay by ``weight_decay``;
+        norms, biases and the logit scale do not (the ``_no_decay`` groups)."""
+        parts = {
             "image_encoder.": "visual_prompts",
             "text_encoder.": "text_prompts",
             "text_adapter.": "text_adapter",
         }
-        groups: dict[tuple[str, bool], list[Tensor]] = {}
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            group = next(
-                (g for prefix, g in group_of_prefix.items() if name.startswith(prefix)), "decoder"
-            )
+
+        def group_of(name: str, parameter: nn.Parameter) -> str:
+            part = next((g for prefix, g in parts.items() if name.startswith(prefix)), "decoder")
             decays = name.endswith("prompts") or (name.endswith(".weight") and parameter.ndim > 1)
-            groups.setdefault((group, decays), []).append(parameter)
-        return [
-            {
-                "name": group if decays else f"{group}_no_decay",
-                "params": params,
-                "lr": base_lr,
-                "weight_decay": decay if decays else 0.0,
-            }
-            for (group, decays), params in groups.items()
-        ]
+            return part if decays else f"{part}_no_decay"
 
-
-# --------------------------------------------------------------------------------------------- loss
-
-
-def _mean_over_ranks(count: Tensor) -> Tensor:
-    """The mean of ``count`` over DDP ranks (itself outside DDP): every rank divides by the same
-    normaliser, so a rank whose crops hold few masks does not weigh its loss up (Mask2Former,
-    ZegCLIP: all-reduce, then divide by the world size)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return count
-    count = count.clone()
-    dist.all_reduce(count)
-    return count / dist.get_world_size()
-
-
-def focal_dice_loss(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    focal_weight: float = 100.0,
-    dice_weight: float = 1.0,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    ignore_as_negative: bool = True,
-) -> dict[str, Tensor]:
-    """ZegCLIP's sigmoid focal + dice loss over one-hot class maps (spec §4.2).
-
-    Arguments:
-        logits: ``B×K×H×W`` score maps at the target resolution.
-        target: ``B×H×W`` class indices, ``IGNORE_INDEX`` where unlabelled.
-        focal_weight, dice_weight: the weights of the two terms (100 and 1).
-        alpha, gamma: focal-loss parameters.
-        ignore_as_negative: ignored pixels count as negatives of every class in the focal term;
-            False leaves them out of it (the dice term always counts every pixel).
-
-    Returns:
-        ``loss_focal`` and ``loss_dice``, both already weighted. Each focal map is averaged over
-        its pixels; focal maps are summed over all ``B×K`` maps and dice over the maps of the
-        classes present; both are divided by ``num_masks``, the present (image, class) pairs,
-        averaged over DDP ranks and at least 1.
-    """
-    classes = torch.arange(logits.shape[1], device=target.device)
-    onehot = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)  # B×K×H×W
-    present = onehot.flatten(2).amax(dim=-1)  # B×K
-    num_masks = _mean_over_ranks(present.detach().float().sum()).clamp_min(1.0)
-    probability = logits.sigmoid()
-    cross_entropy = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-    p_t = probability * onehot + (1 - probability) * (1 - onehot)
-    alpha_t = alpha * onehot + (1 - alpha) * (1 - onehot)
-    focal = alpha_t * cross_entropy * (1 - p_t) ** gamma
-    if ignore_as_negative:
-        focal_maps = focal.flatten(2).mean(dim=-1)
-    else:
-        labelled = (target != IGNORE_INDEX)[:, None].to(logits.dtype)
-        focal_maps = (focal * labelled).flatten(2).sum(-1) / labelled.flatten(2).sum(-1).clamp_min(
-            1.0
+        names = [part + kind for part in (*parts.values(), "decoder") for kind in ("", "_no_decay")]
+        decay = self.config.weight_decay
+        return optimiser.parameter_groups(
+            self,
+            group_of,
+            lr=dict.fromkeys(names, base_lr),
+            weight_decay={name: 0.0 if name.endswith("_no_decay") else decay for name in names},
         )
-    overlap = (probability * onehot).flatten(2).sum(-1)
-    total = probability.flatten(2).sum(-1) + onehot.flatten(2).sum(-1)
-    dice_maps = 1 - (2 * overlap + 1) / (total + 1)
-    return {
-        "loss_focal": focal_weight * focal_maps.sum() / num_masks,
-        "loss_dice": dice_weight * (dice_maps * present).sum() / num_masks,
-    }
-
-
-# ----------------------------------------------------------------------------------- builder
 
 
 build_ldvc = register_method("ldvc")(method_builder(Ldvc, shipped=SHIPPED_WEIGHTS))

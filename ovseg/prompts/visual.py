@@ -554,7 +554,8 @@ def make_generator(
     if generator == "layerdiffuse":
         raise ValueError(
             "LayerDiffuse (Table 5) has no diffusers pipeline; generate its images "
-            "elsewhere and pass a VisualPromptGenerator that returns them."
+            "elsewhere and pass a VisualPromptGenerator that returns them to "
+            "DPSeg(prompt_generator=...)."
         )
     if generator == "toyworld":
         generator = ToyWorldSpriteGenerator(resolution=resolution)
