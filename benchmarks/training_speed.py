@@ -24,129 +24,48 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class TrainingConfig:
-    """One shipped training command, as a function of the run folder, steps and threads.
-
-    ``scenes_per_step`` is the batch the command sets (0 for a head: its JSON config says). Every
-    script writes ``train_log.csv`` into its run folder.
-    """
-
-    name: str
-    scenes_per_step: int
-
-    def command(self, run: Path, steps: int, threads: int) -> list[str]:
-        raise NotImplementedError
-
-    def log(self, run: Path) -> Path:
-        return run / "run" / "train_log.csv"
+sys.path.insert(0, str(ROOT))
+from training.recipes import RECIPES, Recipe  # noqa: E402
 
 
-@dataclass(frozen=True)
-class PretrainConfig(TrainingConfig):
-    """A pretraining script (training/common.py's budget options), with its own batch flag and
-    the flags that make its final evaluation as small as it allows."""
-
-    script: str = ""
-    batch_flag: str = ""
-    small_evaluation: tuple[str, ...] = ()
-    extra: tuple[str, ...] = ()
-
-    def command(self, run: Path, steps: int, threads: int) -> list[str]:
-        return [
-            self.script, *self.extra, *self.small_evaluation,
-            "--out", str(run / "model"), "--run-dir", str(run / "run"),
-            "--steps", str(steps), "--threads", str(threads),
-            self.batch_flag, str(self.scenes_per_step), "--checkpoint-every", "100000",
-        ]  # fmt: skip
-
-
-def clip_config(name: str, extra: tuple[str, ...]) -> PretrainConfig:
-    return PretrainConfig(
-        name,
-        128,
-        "training/pretrain_clip.py",
-        "--batch-size",
-        ("--eval-images-per-class", "1"),
-        extra,
-    )
-
-
-@dataclass(frozen=True)
-class HeadConfig(TrainingConfig):
-    config: str = ""
-
-    def command(self, run: Path, steps: int, threads: int) -> list[str]:
-        return [
-            "training/train.py", "--config", self.config,
-            "--set", f"iterations={steps}", "--set", "minutes=null",
-            "--set", f"threads={threads}", "--set", "log_every=1",
-            "--set", "checkpoint_every=100000", "--set", "eval_sets=[]",
-            "--set", f"run_dir={run / 'run'}", "--set", f"output={run / 'final'}",
-        ]  # fmt: skip
-
-
-# The ConvNeXt's distillation stage: the ViT's text tower locked in, the ViT as the teacher.
-KNOWLEDGE_DISTILLATION = (
-    "--model", "toy-convnext", "--init-text", "assets/clip-toy-vit", "--lock-text",
-    "--distill-from", "assets/clip-toy-vit", "--lr", "5e-4",
-)  # fmt: skip
-
-CONFIGS: dict[str, TrainingConfig] = {
-    config.name: config
-    for config in (
-        clip_config("clip-vit", ("--model", "toy-vit", "--large-fraction", "0.15")),
-        clip_config("clip-convnext", ("--model", "toy-convnext")),
-        clip_config("clip-convnext-kd", KNOWLEDGE_DISTILLATION),
-        PretrainConfig("sam", 8, "training/pretrain_sam.py", "--scenes", ("--eval-scenes", "1")),
-        *(
-            HeadConfig(name, 0, f"training/configs/{name}-toy.json")
-            for name in ("dense-clip", "dpseg", "dcp-clip", "esc-net", "ldvc")
-        ),
-    )
-}
-
-
-def batch_size(config: TrainingConfig, root: Path) -> int:
-    """A head's batch size from its JSON config (the others set theirs on the command line)."""
-    if isinstance(config, HeadConfig):
-        return int(json.loads((root / config.config).read_text()).get("batch_size", 4))
-    return config.scenes_per_step
-
-
-def seconds_per_step(
-    config: TrainingConfig, root: Path, *, warmup: int, steps: int, threads: int
-) -> float:
-    """Run ``config`` from ``root`` for ``warmup + steps`` steps; the mean time of the last
+def seconds_per_step(recipe: Recipe, root: Path, *, warmup: int, steps: int, threads: int) -> float:
+    """Run ``recipe`` from ``root`` for ``warmup + steps`` steps; the mean time of the last
     ``steps``."""
-    with tempfile.TemporaryDirectory(prefix=f"speed-{config.name}-") as folder:
-        run = Path(folder)
+    with tempfile.TemporaryDirectory(prefix=f"speed-{recipe.name}-") as folder:
+        out = Path(folder)
         environment = {
             **os.environ,
             "PYTHONPATH": str(root),
             "OMP_NUM_THREADS": str(threads),
             "TQDM_DISABLE": "1",
         }
-        command = [sys.executable, *config.command(run, warmup + steps, threads)]
+        command = [
+            sys.executable,
+            *recipe.command(
+                out,
+                steps=warmup + steps,
+                threads=threads,
+                small_evaluation=True,
+                checkpoint_every=100_000,
+            ),
+        ]
         result = subprocess.run(
             command, cwd=root, env=environment, capture_output=True, text=True, check=False
         )
-        log = config.log(run)
+        log = recipe.log(out)
         if result.returncode != 0 or not log.is_file():
             raise RuntimeError(
-                f"{config.name} failed in {root} ({' '.join(command)}):\n{result.stderr[-3000:]}"
+                f"{recipe.name} failed in {root} ({' '.join(command)}):\n{result.stderr[-3000:]}"
             )
         with log.open() as file:
             rows = list(csv.DictReader(file))
@@ -159,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout to compare with")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -177,13 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * len(header))
     started = time.perf_counter()
     for name in args.configs:
-        config = CONFIGS[name]
+        recipe = RECIPES[name]
         cells: list[str] = [name]
         rates = []
         for root in roots.values():
-            scenes = batch_size(config, root)
+            scenes = recipe.scenes_per_step(root)
             seconds = seconds_per_step(
-                config, root, warmup=args.warmup, steps=args.steps, threads=args.threads
+                recipe, root, warmup=args.warmup, steps=args.steps, threads=args.threads
             )
             rates.append(scenes / seconds)
             if len(cells) == 1:

@@ -318,3 +318,55 @@ def test_the_vocabulary_losses_reward_the_right_class_and_the_teachers_distribut
     cross_entropy, kl = vocabulary_losses(student, vocabulary, keys, scale, torch.randn(4, 16))
     (cross_entropy + kl).backward()
     assert kl.item() > 0 and student.grad.abs().sum() > 0
+
+
+def test_the_accelerator_command_trains_a_head_into_one_folder(tmp_path):
+    """The CPU half of training/accelerator.py: a shipped recipe under a time budget, a step cap,
+    weights, log, evaluation and summary in one folder."""
+    out = tmp_path / "ldvc"
+    run(
+        sys.executable, "training/accelerator.py", "ldvc", "--minutes", "5", "--steps", "2",
+        "--out", str(out), "--device", "cpu", "--threads", "1",
+        "--set", "batch_size=2", "--set", "classes_per_step=4", "--set", "method_config.input_size=64",
+        "--set", "dataset.image_size=64", "--set", "eval_images=2", "--set", 'eval_sets=["toy-seen"]',
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["returncode"] == 0 and summary["steps"] == 2
+    assert summary["scenes_per_step"] == 2 and summary["scenes_per_second"] > 0
+    assert summary["machine"]["cuda"] == torch.cuda.is_available()
+    assert summary["evaluation"][0]["set"] == "toy-seen"
+    assert (out / "model" / "ldvc.safetensors").is_file()
+    assert (out / "run" / "train_log.csv").is_file() and (out / "train.log").is_file()
+    config = json.loads((out / "run" / "config.json").read_text())
+    assert config["device"] == "cpu" and config["num_workers"] == 0 and config["minutes"] == 5
+
+
+def test_the_accelerator_command_runs_a_pretraining_recipe_with_its_own_batch(tmp_path):
+    out = tmp_path / "sam"
+    run(
+        sys.executable, "training/accelerator.py", "sam", "--minutes", "5", "--steps", "2",
+        "--out", str(out), "--device", "cpu", "--batch", "2",
+        "--", "--prompts-per-scene", "2", "--eval-scenes", "1",
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["scenes_per_step"] == 2
+    assert 0 <= summary["evaluation"]["single_point_miou"] <= 100
+    assert (out / "model" / "sam.safetensors").is_file()
+
+
+def test_every_recipe_names_an_existing_script_and_puts_everything_under_one_folder(tmp_path):
+    from training.recipes import RECIPES
+
+    assert {"clip-vit", "clip-convnext", "clip-convnext-kd", "sam", "dpseg", "ldvc"} <= set(RECIPES)
+    for recipe in RECIPES.values():
+        command = recipe.command(tmp_path, steps=3, threads=2, device="cpu")
+        assert (REPO / command[0]).is_file()
+        assert recipe.scenes_per_step() > 0
+        assert command[command.index("--device") + 1] == "cpu"
+        paths = [part for part in command if str(tmp_path) in part]
+        assert paths and all(str(tmp_path) in part for part in paths)
+        if recipe.is_head:
+            assert (REPO / command[2]).is_file()
+            assert "iterations=3" in command and "minutes=null" in command
+        else:
+            assert command[command.index("--steps") + 1] == "3"

@@ -10,9 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ovseg.devices import DEVICES, PRECISIONS
+
 
 def add_budget_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
-    """The options every pretraining script takes: budget, optimiser, seed, checkpoints."""
+    """The options every pretraining script takes: budget, optimiser, seed, device,
+    checkpoints."""
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument(
         "--minutes",
@@ -24,6 +27,12 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: flo
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto: CUDA when there is a GPU"
+    )
+    parser.add_argument(
+        "--amp", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CUDA, off on CPU"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
 

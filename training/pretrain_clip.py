@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone, load_clip
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, ToyWorld
+from ovseg.devices import autocast, resolve_device
 
 CAPTION_TEMPLATES = (
     "a photo of a {}.",
@@ -133,7 +134,9 @@ def evaluate(
 ) -> dict:
     """Zero-shot top-1 on single-class images over the whole vocabulary, and the modality gap."""
     backbone.eval()
+    device = next(backbone.model.parameters()).device
     text = backbone.encode_text([(c.name, *c.synonyms) for c in world.classes], templates).mean
+    text = text.float().cpu()
     labels, image_embeddings = [], []
     for class_id in range(len(world.classes)):
         for repeat in range(images_per_class):
@@ -143,7 +146,7 @@ def evaluate(
     pixels = torch.stack(image_embeddings).permute(0, 3, 1, 2).float() / 255.0
     embeddings = torch.cat(
         [
-            backbone.encode_image(backbone.normalize(chunk)).global_embedding
+            backbone.encode_image(backbone.normalize(chunk.to(device))).global_embedding.float().cpu()
             for chunk in pixels.split(256)
         ]
     )
@@ -265,7 +268,8 @@ def save_model(backbone: ClipBackbone, config_name: str, out: Path) -> None:
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # fp16 halves the shipped size; open_clip casts back to the model's fp32 on load.
     state = {
-        k: v.detach().to(torch.float16).contiguous() for k, v in backbone.model.state_dict().items()
+        k: v.detach().to(torch.float16).cpu().contiguous()
+        for k, v in backbone.model.state_dict().items()
     }
     save_file(state, out / "open_clip_model.safetensors", metadata={"config": config_name})
 
@@ -335,6 +339,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     config_name = TOY_CLIPS[args.model][0]
     backbone = load_backbone(args.model, "random")
     backbone.train()
@@ -352,10 +357,12 @@ def main() -> None:
         for name, parameter in backbone.model.named_parameters():
             if is_text_parameter(name):
                 parameter.requires_grad_(False)
+    backbone.to(device)
 
     teacher = None
     if args.distill_from is not None:
         teacher = load_clip(f"local-dir:{args.distill_from}").eval().requires_grad_(False)
+        teacher.to(device)
         if teacher.embed_dim != backbone.embed_dim:
             raise ValueError(
                 f"the teacher embeds in {teacher.embed_dim} dimensions, the student in "
@@ -418,26 +425,30 @@ def main() -> None:
                 group["lr"] = lr
             use_large = backbone.kind == "vit" and rng.random() < args.large_fraction
             pixels, captions, keys = next(large if use_large else small)
-            image_embeddings = backbone.encode_image(backbone.normalize(pixels)).global_embedding
-            with torch.set_grad_enabled(not args.lock_text):
-                text_embeddings = backbone._encode_tokens(backbone.tokenizer(captions))
-            scale = backbone.model.logit_scale.exp().clamp(max=100)
-            loss = contrastive_loss(image_embeddings, text_embeddings, keys, scale)
-            if teacher is not None:
-                target = teacher_embeddings(teacher, pixels)
-                loss = loss + args.distill_weight * distillation_loss(
-                    image_embeddings, teacher, pixels, target
-                )
-            if vocabulary is not None:
-                cross_entropy, kl = vocabulary_losses(
-                    image_embeddings,
-                    vocabulary,
-                    keys,
-                    scale,
-                    target if args.distill_logits_weight else None,  # needs --distill-from
-                )
-                loss = loss + args.vocabulary_weight * cross_entropy
-                loss = loss + args.distill_logits_weight * kl
+            pixels, keys = pixels.to(device), keys.to(device)
+            tokens = backbone.tokenizer(captions).to(device)
+            with autocast(args.amp, device):
+                image_embeddings = backbone.encode_image(backbone.normalize(pixels))
+                image_embeddings = image_embeddings.global_embedding.float()
+                with torch.set_grad_enabled(not args.lock_text):
+                    text_embeddings = backbone._encode_tokens(tokens).float()
+                scale = backbone.model.logit_scale.exp().clamp(max=100)
+                loss = contrastive_loss(image_embeddings, text_embeddings, keys, scale)
+                if teacher is not None:
+                    target = teacher_embeddings(teacher, pixels).float()
+                    loss = loss + args.distill_weight * distillation_loss(
+                        image_embeddings, teacher, pixels, target
+                    )
+                if vocabulary is not None:
+                    cross_entropy, kl = vocabulary_losses(
+                        image_embeddings,
+                        vocabulary,
+                        keys,
+                        scale,
+                        target if args.distill_logits_weight else None,  # needs --distill-from
+                    )
+                    loss = loss + args.vocabulary_weight * cross_entropy
+                    loss = loss + args.distill_logits_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in trained], 1.0)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ovseg.backbones import build_sam
 from ovseg.backbones.sam import SamBackbone
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, Scene, ToyWorld
+from ovseg.devices import autocast, resolve_device
 
 EVAL_SEED = TRAIN_SEED_LIMIT + 8_000_000
 MIN_SEGMENT_PIXELS = 48
@@ -143,6 +144,19 @@ def training_batch(
     return batch
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` with its tensors (also those inside tuples) on ``device``."""
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, tuple):
+            return tuple(move(item) for item in value)
+        return value
+
+    return {name: move(value) for name, value in batch.items()}
+
+
 def train_step(sam: SamBackbone, batch: dict) -> tuple[torch.Tensor, dict]:
     embeddings = sam.encode_image(batch["pixels"])[batch["row_image"]]
     multimask = batch["kind"] == "points" and batch["points"][0].shape[1] == 1
@@ -176,6 +190,7 @@ def evaluate(sam: SamBackbone, *, num_scenes: int, image_size: int) -> dict:
     """Single-point mIoU on held-out scenes: the most central point of every segment, the mask
     with the highest predicted IoU, compared at full resolution."""
     sam.eval()
+    device = next(sam.parameters()).device
     world = ToyWorld(image_size=image_size)
     thing_ious, stuff_ious = [], []
     for index in range(num_scenes):
@@ -183,15 +198,17 @@ def evaluate(sam: SamBackbone, *, num_scenes: int, image_size: int) -> dict:
         masks = segments(scene)
         num_things = sum(m.sum() >= MIN_SEGMENT_PIXELS for m in scene.instance_masks)
         pixels = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 255.0
-        embedding = sam.encode_image(pixels)
+        embedding = sam.encode_image(pixels.to(device))
         coordinates = torch.from_numpy(np.stack([central_point(m) for m in masks]))
-        coordinates = coordinates * sam.image_size / image_size
+        coordinates = (coordinates * sam.image_size / image_size).to(device)
+        labels = torch.ones(len(masks), 1, device=device)
         logits, predicted_iou = sam.decode(
-            embedding, points=(coordinates, torch.ones(len(masks), 1)), multimask_output=True
+            embedding, points=(coordinates, labels), multimask_output=True
         )
         best = predicted_iou.argmax(dim=1)
-        chosen = logits[torch.arange(len(masks)), best][:, None]
+        chosen = logits[torch.arange(len(masks), device=device), best][:, None]
         full = sam.postprocess_masks(chosen, original_size=(image_size, image_size))[:, 0] > 0
+        full = full.cpu()
         truth = torch.from_numpy(masks)
         ious = (
             (full & truth).flatten(1).sum(1) / (full | truth).flatten(1).sum(1).clamp(min=1)
@@ -234,8 +251,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     sam = build_sam(args.config, args.init) if args.init else build_sam(args.config)
-    sam.train()
+    sam.to(device).train()
     if args.train_parts == "iou-head":
         for name, parameter in sam.named_parameters():
             parameter.requires_grad_("iou_prediction_head" in name)
@@ -268,7 +286,8 @@ def main() -> None:
             batch = training_batch(
                 world, sam, scenes=args.scenes, prompts_per_scene=args.prompts_per_scene, rng=rng
             )
-            loss, stats = train_step(sam, batch)
+            with autocast(args.amp, device):
+                loss, stats = train_step(sam, to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)

@@ -15,7 +15,6 @@ on the configured sets.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
@@ -35,6 +34,7 @@ from tqdm import tqdm
 import ovseg
 from ovseg.data.datasets import DATASETS, build_training_data
 from ovseg.data.toyworld import ToyWorld, ToyWorldDataset
+from ovseg.devices import DEVICES, autocast, resolve_device
 from ovseg.eval.evaluate import evaluate_toyworld, markdown_table, toyworld_vocabulary
 from ovseg.methods.base import IGNORE_INDEX
 from ovseg.methods.weights import save_weights
@@ -55,7 +55,11 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         warmup: linear warm-up steps, then cosine decay to zero (``schedule="cosine"``) or
             polynomial decay (``"poly"``, detectron2's WarmupPolyLR with power 0.9).
+        device: ``"auto"`` (CUDA when there is a GPU), ``"cpu"`` or ``"cuda"``.
         amp: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"off"``, ``"bf16"`` or ``"fp16"``.
+        num_workers: DataLoader worker processes rendering scenes beside the training step (0:
+            in the step; a GPU needs several to be fed, a 2-core CPU none). Workers take
+            interleaved parts of the scene stream, so a batch's scenes depend on the count.
         seed: seeds Python, NumPy and torch; ranks offset it.
         checkpoint_every: iterations between checkpoints.
         run_dir: checkpoints and logs.
@@ -83,7 +87,9 @@ class TrainConfig:
     warmup: int = 50
     schedule: str = "cosine"
     grad_clip: float | None = 1.0
+    device: str = "auto"
     amp: str = "auto"
+    num_workers: int = 0
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -116,18 +122,21 @@ class TrainConfig:
         return cls(**values)
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed when launched by torchrun; return (rank, world size, device)."""
+def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed when launched by torchrun; return (rank, world size, device).
+
+    ``device_name`` is ``"auto"`` (CUDA when there is a GPU), ``"cpu"`` or ``"cuda"``.
+    """
+    device = resolve_device(device_name)
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+        return 0, 1, device
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         return rank, world_size, torch.device("cuda", local_rank)
-    return rank, world_size, torch.device("cpu")
+    return rank, world_size, device
 
 
 def seed_everything(seed: int) -> None:
@@ -188,13 +197,6 @@ def sample_classes(
     return chosen, remap[safe_target].to(target.device)
 
 
-def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def learning_rate_factor(config: TrainConfig, iteration: int, seconds: float = 0.0) -> float:
     """Warm-up then decay; progress is the larger of the step and the time fraction."""
     warm = min(1.0, (iteration + 1) / max(1, config.warmup))
@@ -227,7 +229,7 @@ def save_training_state(
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed + rank)
@@ -267,7 +269,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     consumed = iteration * config.batch_size * world_size
     dataset, vocabulary, to_index = build_dataset(config.dataset, config.seed, consumed)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, num_workers=0))
+    loader = iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
     to_index = torch.from_numpy(to_index)
     input_size = method.config.input_size
     sampler = torch.Generator().manual_seed(config.seed * 1000 + rank + iteration)
@@ -308,7 +317,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 target, len(vocabulary), config.classes_per_step, sampler
             )
             step_vocabulary = [vocabulary[i] for i in chosen.tolist()]
-        with autocast_context(config.amp, device):
+        with autocast(config.amp, device):
             output = model(images, step_vocabulary, target=target)
             losses = method.loss(output, target)
         loss = sum(losses.values())
@@ -378,8 +387,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="KEY=VALUE",
         help="override a setting (JSON value; dotted keys reach into dicts)",
     )
+    parser.add_argument(
+        "--device", choices=DEVICES, default=None, help="overrides the config's device (auto)"
+    )
     args = parser.parse_args(argv)
-    return train(TrainConfig.from_file(args.config, args.set))
+    config = TrainConfig.from_file(args.config, args.set)
+    if args.device is not None:
+        config.device = args.device
+    return train(config)
 
 
 if __name__ == "__main__":
