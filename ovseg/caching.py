@@ -8,6 +8,9 @@ time. Two kinds of cache serve that, both least-recently-used:
 - one entry per class or name, so that a vocabulary sharing classes with an earlier one encodes
   only its new classes (:meth:`LruCache.rows`).
 
+While a text tower trains its encodings go stale at every step; a method that accepts some
+staleness keeps one for a number of calls (:class:`ExpiringEntry`).
+
 Keys hold everything an entry depends on: the weights (through :class:`WeightsFingerprint` or the
 tensors' version counters), the templates, the device, the dtype. A cache never answers a call
 that gradients must flow through; callers skip it then.
@@ -123,6 +126,27 @@ class LruCache(Generic[Value]):
         ):
             _, evicted = self._entries.popitem(last=False)
             self._total -= self._measure(evicted)
+
+
+class ExpiringEntry(Generic[Value]):
+    """One cached value, computed again when its key changes or once it has answered
+    ``max_uses`` calls."""
+
+    def __init__(self) -> None:
+        self._key: Hashable | None = None
+        self._value: Value | None = None
+        self._uses = 0
+
+    def get(self, key: Hashable, compute: Callable[[], Value], *, max_uses: int) -> Value:
+        """The value of ``key``: the cached one, or ``compute()`` when there is none for
+        ``key`` or it has been returned ``max_uses`` times (≤ 1: every call computes)."""
+        if self._value is None or key != self._key or self._uses >= max_uses:
+            self._key, self._value, self._uses = key, compute(), 0
+        self._uses += 1
+        return self._value
+
+    def clear(self) -> None:
+        self._key, self._value, self._uses = None, None, 0
 
 
 class WeightsFingerprint:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg.methods.blocks import CostEmbedding, cosine_cost_volume
+from ovseg.methods.blocks import CostEmbedding, convolved_cost_volume, cosine_cost_volume
 
 
 def test_cost_volume_is_the_cosine_of_every_pixel_with_every_class():
@@ -49,3 +49,29 @@ def test_cost_embedding_applies_the_same_conv_to_every_class():
     cost[0, 1] = cost[0, 0]
     embedded = layer(cost)
     torch.testing.assert_close(embedded[0, 0], embedded[0, 1])
+
+
+@pytest.mark.parametrize(
+    ("prompts", "outputs", "dim", "folded"),
+    [(5, 3, 6, True), (2, 8, 64, False)],
+)
+def test_convolved_cost_volume_is_the_conv_of_the_cosine_volume(
+    monkeypatch, prompts, outputs, dim, folded
+):
+    """Folded into the prototypes or not (whichever is cheaper), the result is the conv of every
+    class slice of the cosine volume, borders included."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(prompts, outputs, 3, padding=1)
+    features = torch.randn(2, dim, 7, 9)
+    prototypes = torch.randn(2, 3, prompts, dim)
+    volume = cosine_cost_volume(features, prototypes, per_image=True)
+    expected = conv(volume.flatten(0, 1)).unflatten(0, (2, 3))
+    if folded:  # the volume is never built
+
+        def unbuilt(*args, **kwargs):
+            raise AssertionError("the folded form builds no cost volume")
+
+        monkeypatch.setattr("ovseg.methods.blocks.cosine_cost_volume", unbuilt)
+    convolved = convolved_cost_volume(conv, features, prototypes)
+    assert convolved.shape == (2, 3, outputs, 7, 9)
+    torch.testing.assert_close(convolved, expected, atol=1e-4, rtol=0)

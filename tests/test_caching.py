@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ovseg.caching import LruCache, WeightsFingerprint
+from ovseg.caching import ExpiringEntry, LruCache, WeightsFingerprint
 
 
 def test_the_least_recently_used_entry_is_evicted_first():
@@ -54,6 +54,24 @@ def test_rows_encode_only_missing_keys_in_one_call_and_keep_the_requested_ones()
 def test_a_size_bound_needs_a_size_function():
     with pytest.raises(ValueError, match="size function"):
         LruCache(max_size=3)
+
+
+def test_an_expiring_entry_is_computed_again_every_max_uses_calls_and_on_a_new_key():
+    computed = []
+
+    def compute(key):
+        computed.append(key)
+        return len(computed)
+
+    entry = ExpiringEntry()
+    values = [entry.get("a", lambda: compute("a"), max_uses=3) for _ in range(7)]
+    assert values == [1, 1, 1, 2, 2, 2, 3]
+    assert entry.get("b", lambda: compute("b"), max_uses=3) == 4  # a new key: computed at once
+    assert entry.get("a", lambda: compute("a"), max_uses=3) == 5  # only the last key is kept
+    entry.clear()
+    assert entry.get("a", lambda: compute("a"), max_uses=3) == 6
+    assert [entry.get("a", lambda: compute("a"), max_uses=1) for _ in range(2)] == [7, 8]
+    assert computed == ["a", "a", "a", "b", "a", "a", "a", "a"]
 
 
 def test_the_fingerprint_changes_with_the_weights_and_only_then():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import ovseg
 from ovseg import backbones as backbone_registry
 from ovseg.backbones import WeightsError, load_backbone
+from ovseg.demo.views import dpseg_cost_volumes
 from ovseg.images import crop_class_region
 from ovseg.methods.base import SegmentationOutput
 from ovseg.methods.blocks import cosine_cost_volume
@@ -27,6 +28,7 @@ from ovseg.methods.dpseg import (
     HybridDilatedConv,
     VisualCostProjection,
     build_dpseg,
+    dual_prompt_cost_volume,
 )
 from ovseg.methods.weights import save_weights
 from ovseg.prompts.visual import PromptGallery
@@ -103,7 +105,7 @@ def decoded_shapes(method, features, prompts):
         for name, outputs in chunks.items()
     }
     with torch.no_grad():
-        cost_volume = method.cost_volume(features.embeddings, prompts)
+        cost_volume = dual_prompt_cost_volume(features.embeddings, prompts, method.config)
         shapes |= {
             "F_c": tuple(cost_volume.shape),
             "F": tuple(method.cost_embedding(cost_volume).shape),
@@ -172,7 +174,9 @@ def test_main_cost_volume_matches_a_per_pixel_cosine_loop(model):
     image = torch.randn(2, dim, 3, 4, generator=generator)
     text = torch.randn(2, 3, 4, dim, generator=generator)
     visual = torch.randn(2, 3, 4, dim, generator=generator)
-    cost = model.cost_volume(image, DualPrompts(text=text, visual=visual, pooled=()))
+    cost = dual_prompt_cost_volume(
+        image, DualPrompts(text=text, visual=visual, pooled=()), model.config
+    )
     assert cost.shape == (2, 3, 4, 3, 4)
     expected = torch.empty_like(cost)
     for b, k, m, y, x in itertools.product(*(range(n) for n in cost.shape)):
@@ -182,10 +186,12 @@ def test_main_cost_volume_matches_a_per_pixel_cosine_loop(model):
     torch.testing.assert_close(cost, expected, atol=1e-5, rtol=0)
     assert cost.abs().max() <= 1
     scaled = DualPrompts(text=3.5 * text, visual=0.2 * visual, pooled=())
-    torch.testing.assert_close(model.cost_volume(image, scaled), cost, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        dual_prompt_cost_volume(image, scaled, model.config), cost, atol=1e-6, rtol=0
+    )
     same = DualPrompts(text=text, visual=text, pooled=())
     torch.testing.assert_close(
-        model.cost_volume(image, same),
+        dual_prompt_cost_volume(image, same, model.config),
         cosine_cost_volume(image, text, per_image=True),
         atol=1e-6,
         rtol=0,
@@ -224,29 +230,35 @@ def test_table_2_switches_compute_their_cost_volumes(model, monkeypatch, prompt_
         ("avg", "avg_cos"): (cosine(text) + cosine(visual)) / 2,
         ("avg", "cat"): torch.cat([cosine(text), cosine(visual)], dim=2),
     }[(prompt_mode, cost_fusion)]
-    cost = model.cost_volume(image, DualPrompts(text=text, visual=visual, pooled=()))
+    cost = dual_prompt_cost_volume(
+        image, DualPrompts(text=text, visual=visual, pooled=()), model.config
+    )
     torch.testing.assert_close(cost, expected, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------ 3. F_v^j (Eq. 2)
 
 
-def test_folded_visual_cost_projection_matches_the_naive_path():
+def test_folded_visual_cost_projection_matches_the_naive_path(monkeypatch):
     torch.manual_seed(2)
     layer = VisualCostProjection(num_prompts=5, out_channels=3)
     image = torch.randn(2, 6, 7, 9)
     prototypes = torch.randn(2, 3, 5, 6)
-    cost = layer.cost_volume(image, prototypes)
+    cost = layer.visual_cost_volume(image, prototypes)
     assert cost.shape == (2, 3, 5, 7, 9)
     naive = layer.naive(image, prototypes)
     assert naive.shape == (2, 3, 3, 7, 9)
-    torch.testing.assert_close(layer.folded(image, prototypes), naive, atol=1e-4, rtol=0)
+
+    def unbuilt(*args, **kwargs):
+        raise AssertionError("the folded projection builds no cost volume")
+
+    # M = 5, g = 3, D = 6: folding is cheaper, so forward never builds F_v^j.
+    monkeypatch.setattr("ovseg.methods.blocks.cosine_cost_volume", unbuilt)
+    torch.testing.assert_close(layer(image, prototypes), naive, atol=1e-4, rtol=0)
     shared = prototypes[:1].expand(2, -1, -1, -1)
-    torch.testing.assert_close(
-        layer.folded(image, shared), layer.naive(image, shared), atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(layer(image, shared), layer.naive(image, shared), atol=1e-4, rtol=0)
     # Borders: a constant image gives border outputs that differ from the interior.
-    flat = layer.folded(torch.ones(1, 6, 5, 5), prototypes[:1])
+    flat = layer(torch.ones(1, 6, 5, 5), prototypes[:1])
     torch.testing.assert_close(
         flat, layer.naive(torch.ones(1, 6, 5, 5), prototypes[:1]), atol=1e-4, rtol=0
     )
@@ -257,7 +269,7 @@ def test_visual_cost_volumes_have_the_stage_resolution(model, features):
     for j, encoder_features, pooled in zip(
         (2, 3, 4), features.guidance, prompts.pooled, strict=True
     ):
-        cost = VisualCostProjection.cost_volume(encoder_features, pooled)
+        cost = VisualCostProjection.visual_cost_volume(encoder_features, pooled)
         assert cost.shape == (1, 4, 4, SIZE // 2**j, SIZE // 2**j)
 
 
@@ -749,7 +761,8 @@ def test_an_untrained_head_runs_the_training_free_path(
         first = method.segment(features, VOCABULARY, inference="I", return_intermediates=True)
         second = method.segment(features, VOCABULARY, return_intermediates=True)
     assert first.intermediates["head"] == "training-free"
-    expected = upsample_logits(first.intermediates["dual_cost_volume"] / 0.01, (SIZE, SIZE))
+    dual_cost = dpseg_cost_volumes(first.intermediates)["dual"]
+    expected = upsample_logits(dual_cost / 0.01, (SIZE, SIZE))
     torch.testing.assert_close(first.logits, expected, atol=1e-4, rtol=0)
     assert second.intermediates["inference"] == "II"
     assert torch.equal(second.intermediates["pass1_logits"], first.logits)
@@ -764,11 +777,14 @@ def test_intermediates_for_the_demo(model, features):
         )
     found = output.intermediates
     h = SIZE // 32
-    for name in ("text_cost_volume", "visual_cost_volume", "dual_cost_volume"):
-        assert found[name].shape == (1, 4, h, h)
+    costs = dpseg_cost_volumes(found)
+    for name in ("text", "visual", "dual"):
+        assert costs[name].shape == (1, 4, h, h)
     prompts = model.dual_prompts(VOCABULARY, 1)
     text_cost = cosine_cost_volume(features.embeddings, prompts.text, per_image=True).mean(dim=2)
-    torch.testing.assert_close(found["text_cost_volume"], text_cost, atol=1e-5, rtol=0)
+    torch.testing.assert_close(costs["text"], text_cost, atol=1e-5, rtol=0)
+    visual_cost = cosine_cost_volume(features.embeddings, prompts.visual, per_image=True)
+    torch.testing.assert_close(costs["visual"], visual_cost.mean(dim=2), atol=1e-5, rtol=0)
     gallery = found["visual_prompt_images"]
     assert isinstance(gallery, PromptGallery) and len(gallery) == 4
     bank_images = model.prompt_bank.images(VOCABULARY, TEMPLATES, 2)

@@ -62,8 +62,8 @@ def randomise_activation_heads(method):
     """Give the zero-initialised S_k convs weights, so blocks 2–4 prompt from refined maps."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for fusion in method.fusion:
-            weight = fusion.to_activation.weight
+        for vlf in method.fusion:
+            weight = vlf.to_activation.weight
             weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
 
 
@@ -182,7 +182,7 @@ def test_training_free_boxes_span_their_regions_pixels_inside_sams_frame(
     toy_vit, sam_path, monkeypatch
 ):
     method = small(toy_vit, sam_path, training_free_box=True)
-    sam = method._pretrained_sam(torch.device("cpu"))
+    sam = method.training_free_sam.on(torch.device("cpu"))
     seen = []
     decode = sam.decode
     monkeypatch.setattr(sam, "decode", lambda *a, **k: seen.append(k["boxes"]) or decode(*a, **k))
@@ -238,7 +238,7 @@ def test_random_sam_ablation_differs_from_the_checkpoint(toy_vit, sam_path):
     checkpoint = load_file(sam_path)
     weight = method.sam_blocks[0].layer.mlp.lin1.weight
     assert not torch.equal(weight, checkpoint["mask_decoder.transformer.layers.0.mlp.lin1.weight"])
-    assert method.training_free_sam is None
+    assert method.training_free_sam.loaded is None
 
 
 def test_without_sam_there_is_no_ppg_prompt_encoder_or_sam_block(toy_vit, sam_path):
@@ -432,7 +432,7 @@ def test_default_build_uses_the_shipped_toy_sam_and_no_head(toy_vit):
     method = build_esc_net(backbone=toy_vit, input_size=64, window_size=4)
     assert not method.trained_head
     method(images(1), VOCABULARY[:2])
-    assert method.training_free_sam.name == "toy"
+    assert method.training_free_sam.loaded.name == "toy"
 
 
 # -------------------------------------------------------------------------------- weights
@@ -456,16 +456,22 @@ def test_saved_weights_reload_into_a_trained_head(toy_vit, sam_path, tmp_path):
         small(toy_vit, sam_path, weights=str(tmp_path / "bad.safetensors"))
 
 
-def test_bad_settings_and_stale_features_are_rejected(toy_vit, sam_path):
+def test_bad_settings_and_stale_features_are_rejected(toy_vit, toy_convnext, sam_path):
     with pytest.raises(ValueError, match="prompt_types"):
         EscNetConfig(prompt_types=("point", "scribble"))
     with pytest.raises(ValueError, match="sam_checkpoint"):
         build_esc_net(backbone=toy_vit, sam="vit_b")
+    with pytest.raises(ValueError, match=r"needs a ViT CLIP; .* has a convnext image tower"):
+        small(toy_convnext, sam_path)
+    with pytest.raises(ValueError, match="input_size 60 is not a multiple of the patch size 8"):
+        small(toy_vit, sam_path, input_size=60)
     method = small(toy_vit, sam_path)
     features = method.encode_image(images(1))
     method.trained_head = True
     with pytest.raises(ValueError, match="re-encode"):
         method.segment(features, VOCABULARY)
+    with pytest.raises(ValueError, match=r"built for a 8×8 grid .* on a 10×10 grid"):
+        method(images(1, size=80), VOCABULARY)
     with pytest.raises(ValueError, match="options"):
         method(images(1), VOCABULARY, theta=0.3)
 
@@ -623,7 +629,7 @@ def test_head_weights_build_without_the_sam_checkpoint(toy_vit, sam_path, tmp_pa
     path = save_weights(method, tmp_path / "esc")
     missing = tmp_path / "no-such-sam.safetensors"
     loaded = build_esc_net(backbone=toy_vit, weights=str(path), sam_checkpoint=str(missing))
-    assert loaded.trained_head and loaded.training_free_sam is None
+    assert loaded.trained_head and loaded.training_free_sam.loaded is None
     assert not any(isinstance(module, ImageEncoderViT) for module in loaded.modules())
     with torch.no_grad():
         torch.testing.assert_close(
@@ -636,14 +642,14 @@ def test_head_weights_build_without_the_sam_checkpoint(toy_vit, sam_path, tmp_pa
 
 def test_sams_image_encoder_is_loaded_only_when_the_training_free_path_runs(toy_vit, sam_path):
     method = small(copy.deepcopy(toy_vit), sam_path)  # training splits CLIP's K off
-    assert not method.trained_head and method.training_free_sam is None
+    assert not method.trained_head and method.training_free_sam.loaded is None
     assert not any(isinstance(module, ImageEncoderViT) for module in method.modules())
     method.train()
     method(images(1), VOCABULARY[:2])  # the head trains without it
-    assert method.training_free_sam is None
+    assert method.training_free_sam.loaded is None
     method.eval()
     method(images(1), VOCABULARY[:2])
-    encoder = method.training_free_sam.image_encoder
+    encoder = method.training_free_sam.loaded.image_encoder
     checkpoint = load_file(sam_path)["image_encoder.patch_embed.proj.weight"]
     assert torch.equal(encoder.patch_embed.proj.weight, checkpoint)
 

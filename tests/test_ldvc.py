@@ -116,17 +116,13 @@ def test_each_query_attends_exactly_to_the_tokens_of_its_routed_windows():
     torch.testing.assert_close(output[0, 2:4, 2:4], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_routing_changes_with_the_image_and_names_window_coordinates():
+def test_routing_changes_with_the_image_on_a_row_major_window_grid():
     layer = attention_layer(top_m=2)
     first = layer.routing(torch.randn(1, 8, 8, 32, generator=torch.Generator().manual_seed(0)))
     second = layer.routing(torch.randn(1, 8, 8, 32, generator=torch.Generator().manual_seed(1)))
     assert not torch.equal(first.indices, second.indices)
-    coordinates = first.routed_windows((1, 2))
-    flat = first.indices[:, 1 * 4 + 2]
-    assert torch.equal(coordinates, torch.stack([flat // 4, flat % 4], dim=-1))
-    assert torch.equal(first.routed_windows(6), coordinates)
-    with pytest.raises(ValueError, match="outside"):
-        first.routed_windows((4, 0))
+    assert first.grid == (4, 4) and first.indices.shape == (1, 16, 2)
+    assert first.affinity.shape == (1, 16, 16)
 
 
 def test_a_grid_of_partial_windows_is_refused_with_a_clear_message():

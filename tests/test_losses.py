@@ -94,6 +94,26 @@ def test_parameter_groups_follow_the_order_of_the_rates_and_drop_empty_ones():
         parameter_groups(model, lambda name, p: "other", lr={"head": 1.0}, weight_decay=0.0)
 
 
+def test_no_decay_parameters_follow_their_group_at_its_rate_without_decay():
+    model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Linear(2, 2))
+    groups = parameter_groups(
+        model,
+        lambda name, parameter: "head" if name.startswith("2.") else "body",
+        lr={"body": 1e-3, "head": 1e-2},
+        weight_decay=0.5,
+        no_decay=lambda name, parameter: parameter.ndim < 2,
+    )
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
+        ("body", 1e-3, 0.5),
+        ("body_no_decay", 1e-3, 0.0),
+        ("head", 1e-2, 0.5),
+        ("head_no_decay", 1e-2, 0.0),
+    ]
+    assert groups[0]["params"] == [model[0].weight]
+    assert groups[1]["params"] == [model[0].bias, model[1].weight, model[1].bias]
+    assert groups[3]["params"] == [model[2].bias]
+
+
 @dataclass
 class _Config(MethodConfig):
     mode: str = "a"

@@ -321,6 +321,40 @@ class ClipBackbone(nn.Module):
             input_size=tuple(images.shape[-2:]),
         )
 
+    def encode_stage_means(
+        self,
+        images: Tensor | Sequence[Tensor],
+        stages: Sequence[int],
+        *,
+        tower: nn.Module | None = None,
+        batch_size: int = 16,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """N ``3×S×S`` images in [0, 1] → their global embedding ``N×D`` and the spatial mean
+        ``N×C_i`` of each ConvNeXt stage i of ``stages`` (0-based), in stage order. A sequence of
+        images is stacked ``batch_size`` at a time.
+
+        ``tower`` runs in place of this CLIP's image tower, with its normalisation: a copy of
+        the tower (DPSeg's frozen prompt encoder). None: the tower itself.
+        """
+        if self.kind != "convnext":
+            raise ValueError(f"Stage means exist only for ConvNeXt towers; {self.name} is a ViT.")
+        tower = self.model.visual if tower is None else tower
+        trunk = tower.trunk
+        parameter = next(tower.parameters())
+        embeddings, means = [], []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            batch = batch if isinstance(batch, Tensor) else torch.stack(batch)
+            features = trunk.stem(self.normalize(batch.to(parameter.device, parameter.dtype)))
+            batch_means = []
+            for index, stage in enumerate(trunk.stages):
+                features = stage(features)
+                if index in stages:
+                    batch_means.append(features.mean(dim=(2, 3)))
+            embeddings.append(tower.head(trunk.forward_head(trunk.norm_pre(features))))
+            means.append(batch_means)
+        return torch.cat(embeddings), tuple(torch.cat(level) for level in zip(*means, strict=True))
+
     # ------------------------------------------------------------------------------------- text
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """L2-normalised text embeddings ``N×D`` of raw prompts, encoded in batches."""

@@ -158,7 +158,8 @@ def _class_map(result: MethodResult, index: int) -> tuple[np.ndarray | None, str
     intermediates = result.prediction.intermediates
     name = result.name
     if name == "dpseg":
-        return _numpy(intermediates["dual_cost_volume"][0, index]), "dual-prompt cost volume"
+        dual = dpseg_cost_volumes(intermediates)["dual"]
+        return _numpy(dual[0, index]), "dual-prompt cost volume"
     if name == "dcp-clip":
         selected = list(intermediates["selected_classes"][0])
         if index not in selected:
@@ -203,10 +204,8 @@ def dpseg_prompt_comparison(session: Session, class_name: str) -> list[Captioned
     result = _require(session, "dpseg")
     index = _class_index(session, class_name)
     intermediates = result.prediction.intermediates
-    maps = {
-        kind: _numpy(intermediates[f"{kind}_cost_volume"][0, index])
-        for kind in ("text", "visual", "dual")
-    }
+    costs = dpseg_cost_volumes(intermediates)
+    maps = {kind: _numpy(cost[0, index]) for kind, cost in costs.items()}
     low = min(float(m.min()) for m in maps.values())
     high = max(float(m.max()) for m in maps.values())
     return [
@@ -239,6 +238,21 @@ class DPSegView:
     prompts: list[Captioned]
     passes: list[Captioned]
     summary: str
+
+
+def dpseg_cost_volumes(intermediates: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """DPSeg Fig. 3 from its pass-I intermediates: the template-averaged cosines of E with the text
+    prompts T, the visual prompts V and the dual prompts R = (V̂ + T̂) / 2, ``B×K×h×w`` each. The
+    mean over templates is a dot product with the mean normalised prompt (``B×K×M×h×w`` is never
+    built)."""
+    pixels = F.normalize(intermediates["image_embeddings"], dim=1)
+    prompts = intermediates["prompts"]
+    text, visual = F.normalize(prompts.text, dim=-1), F.normalize(prompts.visual, dim=-1)
+    kinds = {"text": prompts.text, "visual": prompts.visual, "dual": (visual + text) / 2}
+    return {
+        kind: torch.einsum("bdhw,bkd->bkhw", pixels, F.normalize(rows, dim=-1).mean(dim=2))
+        for kind, rows in kinds.items()
+    }
 
 
 def _crop_image(crop: torch.Tensor) -> np.ndarray:
@@ -302,7 +316,8 @@ def dcp_clip_selection_table(
     """Per image, one row per vocabulary class: scores, votes, selected or not, and why."""
     votes = selection.patch_votes.tolist()
     num_classes = selection.selected.shape[1]
-    raw_votes = F.one_hot(selection.raw_patch_winners, num_classes).sum(dim=1).tolist()
+    raw_winners = selection.patch_scores.argmax(dim=1)  # before the suppression of Eq. 2
+    raw_votes = F.one_hot(raw_winners, num_classes).sum(dim=1).tolist()
     best_patch = selection.patch_scores.amax(dim=2).tolist()
     image_scores = selection.image_scores.tolist()
     flags = {

@@ -1,5 +1,5 @@
-"""Layers shared by the methods: cosine cost volumes, their per-slice embedding, and the
-U-Net fusion block of the cost-volume decoders."""
+"""Layers shared by the methods: cosine cost volumes, their per-slice embedding and convolution,
+and the U-Net fusion block of the cost-volume decoders."""
 
 from __future__ import annotations
 
@@ -46,6 +46,39 @@ def cosine_cost_volume(
             f"Per-image class embeddings for {classes.shape[0]} images, batch of {pixels.shape[0]}."
         )
     return torch.einsum(equation, pixels, classes)
+
+
+def convolved_cost_volume(conv: nn.Conv2d, features: Tensor, prototypes: Tensor) -> Tensor:
+    """``conv`` (M → g channels, stride 1, zero "same" padding) applied to every class slice of
+    the cosine cost volume ``cosine_cost_volume(features, prototypes, per_image=True)``:
+    ``B×D×H×W`` features and ``B×K×M×D`` prototypes → ``B×K×g×H×W``.
+
+    The cosine is linear in the normalised features, so the convolution folds into the
+    prototypes: ``Σ_m Σ_o W[c, m, o] · p̂_{k,m} · ê(x+o) = Σ_o ê(x+o) · Q[k, c, o]`` with
+    ``Q[k, c, o] = Σ_m W[c, m, o] p̂_{k,m}``, a convolution of the normalised features with K·g
+    prototype-derived filters (zero padding of the volume equals zero padding of the features).
+    The folded form never builds the ``B×K×M×H×W`` volume; it runs when it needs fewer
+    multiply-adds per class and pixel (``k²·g·D`` against ``M·D + k²·M·g`` for a k×k kernel).
+    """
+    prompts, outputs = conv.in_channels, conv.out_channels
+    dim = features.shape[1]
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    if taps * outputs * dim > prompts * dim + taps * prompts * outputs:
+        volume = cosine_cost_volume(features, prototypes, per_image=True)
+        return conv(volume.flatten(0, 1)).unflatten(0, volume.shape[:2])
+    batch, channels, height, width = features.shape
+    classes = prototypes.shape[1]
+    filters = torch.einsum("gmyx,bkmd->bkgdyx", conv.weight, F.normalize(prototypes, dim=-1))
+    convolved = F.conv2d(
+        F.normalize(features, dim=1).reshape(1, batch * channels, height, width),
+        filters.reshape(batch * classes * outputs, channels, *conv.kernel_size),
+        padding=conv.padding,
+        groups=batch,
+    )
+    convolved = convolved.view(batch, classes, outputs, height, width)
+    if conv.bias is not None:
+        convolved += conv.bias.view(1, 1, -1, 1, 1)  # in place: a fresh conv output
+    return convolved
 
 
 class CostEmbedding(nn.Module):
@@ -95,3 +128,16 @@ class DoubleConv(nn.Sequential):
             nn.GroupNorm(groups, out_channels),
             nn.ReLU(inplace=True),
         )
+
+    def fuse_classes(self, parts: list[Tensor]) -> Tensor:
+        """The block on each class of ``B×c×C_i×h×w`` parts concatenated along their channels →
+        ``B×c×C_out×h×w``. ``parts`` is emptied, and the concatenation freed as soon as the first
+        convolution has read it: at a decoder's finest stage it is a chunk's largest tensor."""
+        batch, classes = parts[0].shape[:2]
+        x = torch.cat(parts, dim=2).flatten(0, 1)
+        parts.clear()
+        first, *rest = self
+        x = first(x)  # rebinding x frees the concatenation
+        for layer in rest:
+            x = layer(x)
+        return x.unflatten(0, (batch, classes))

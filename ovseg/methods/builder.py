@@ -179,6 +179,25 @@ def build_with_weights(
     return method.eval()
 
 
+def require_vit(backbone: ClipBackbone, input_size: int, *, method: str) -> int:
+    """The side of the patch grid a ViT CLIP gives square ``input_size`` images, for a method
+    (named ``method`` in the errors) that needs one.
+
+    Raises:
+        ValueError: ``backbone`` is not a ViT, or ``input_size`` is not a multiple of its patch
+            size.
+    """
+    if backbone.kind != "vit":
+        raise ValueError(
+            f"{method} needs a ViT CLIP; {backbone.name} has a {backbone.kind} image tower."
+        )
+    if input_size % backbone.stride:
+        raise ValueError(
+            f"input_size {input_size} is not a multiple of the patch size {backbone.stride}."
+        )
+    return input_size // backbone.stride
+
+
 def _default_factory(method_class: type[Method]) -> MethodFactory:
     def factory(settings: MethodConfig, clip: ClipBackbone, head: bool) -> Method:
         return method_class(config=settings, backbone=clip)

@@ -12,15 +12,12 @@ The file follows Section III of the paper (spec: ``specs/dcp-clip.md``):
 Without trained head weights the method runs its training-free path: DCS on MaskCLIP dense
 features, then the cosine cost volume over the selected classes.
 
-Where the paper is silent the config's defaults are the spec's §9 recommendations: τ = CLIP's
-logit scale, N_c = 2 cross-attention layers with 8 heads, one fusion layer with 4 heads, D_c =
-128, a 7×7 cost-embedding conv over the P templates, one shared prompt vector, the [CLS] term of
-T_g as one cosine per class, Swin window 12 with 4 heads, the last block's head-averaged
-attention as A_CLIP, and k = 5 for TV. The decoder's
-encoder features come from blocks {4, 8} of ViT-B/16's 12 and {8, 16} of ViT-L/14's 24 (1-based;
-CAT-Seg), at one and two thirds of the depth; the same fractions give blocks {2, 4} of the toy
-ViT's 6. Deviations, all switchable: ground-truth classes are forced into the selection in
-training (``train_force_gt_classes``; the paper does not say how labelled classes DCS misses are
+What the paper leaves open the spec's §9 fills in (the values are the config's defaults): τ, N_c
+and the attention widths, D_c, the cost embedding (7×7 over the P templates), the prompt P (one
+vector shared by all classes), the [CLS] term of T_g, the Swin window, A_CLIP (the last block's
+head-averaged attention), the guidance blocks (:func:`_default_guidance_layers`) and TV's k.
+Deviations, all switchable: ground-truth classes are forced into the selection in training
+(``train_force_gt_classes``; the paper does not say how labelled classes DCS misses are
 supervised); TV decides every region from the pre-TV label map, so the order of regions cannot
 matter.
 """
@@ -38,8 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg.backbones import ClipBackbone, DenseFeatures, TextEmbeddings, is_toy_clip
-from ovseg.caching import LruCache
-from ovseg.errors import OptionError
+from ovseg.caching import ExpiringEntry
 from ovseg.methods import optimiser
 from ovseg.methods.attention import CrossAttentionBlock, SelfAttentionBlock, SwinBlock
 from ovseg.methods.base import (
@@ -50,7 +46,7 @@ from ovseg.methods.base import (
     VocabularyLike,
 )
 from ovseg.methods.blocks import CostEmbedding, DoubleConv, cosine_cost_volume
-from ovseg.methods.builder import method_builder, register_method
+from ovseg.methods.builder import method_builder, register_method, require_vit
 from ovseg.methods.chunking import (
     class_slices,
     pad_class_subsets,
@@ -100,7 +96,8 @@ class DcpClipConfig(MethodConfig):
     fuse_attention: bool = True  # CLIP's attention maps as Swin guidance ("A_CLIP")
     swin_heads: int = 4
     window_size: int = 12
-    guidance_layers: tuple[int, ...] | None = None  # 0-based ViT blocks (None: see the module)
+    # 0-based ViT blocks of F_patch and A_CLIP's guidance (None: _default_guidance_layers)
+    guidance_layers: tuple[int, ...] | None = None
     # Tag Validation (§4.3)
     tag_validation: bool = True
     tv_rank: int = 5  # k: a region is relabelled when its label ranks below k
@@ -138,6 +135,11 @@ class DcpClipConfig(MethodConfig):
             )
         if self.use_tga and self.tga_cross_attention and self.cross_attention_layers < 1:
             problems.append("the cross-attention branch needs cross_attention_layers >= 1")
+        if self.guidance_layers and len(self.guidance_layers) < self.sed_layers:
+            problems.append(
+                f"sed_layers={self.sed_layers} needs as many guidance_layers; "
+                f"got {self.guidance_layers}"
+            )
         return problems
 
 
@@ -175,11 +177,6 @@ class CategorySelection:
     def patch_winners(self) -> Tensor:
         """``B×N`` ĉ_i, the class each patch votes for after suppression (Eq. 3)."""
         return self.refined_patch_scores.argmax(dim=1)
-
-    @property
-    def raw_patch_winners(self) -> Tensor:
-        """``B×N`` the argmax of S_patch before suppression."""
-        return self.patch_scores.argmax(dim=1)
 
     @property
     def patch_votes(self) -> Tensor:
@@ -610,16 +607,10 @@ def tag_validation(
 # ------------------------------------------------------------------------------------- model
 
 
-@dataclass
-class _EncodedVocabulary:
-    """E_C of the whole vocabulary, and the training call it was encoded at."""
-
-    encoded_at_call: int
-    text: TextEmbeddings
-
-
 def _default_guidance_layers(depth: int, count: int) -> tuple[int, ...]:
-    """0-based blocks at (i+1)/(n+1) of the depth, n = max(2, count): 12 → (3, 7), 6 → (1, 3)."""
+    """0-based blocks at (i+1)/(n+1) of the depth, n = max(2, count): CAT-Seg's blocks {4, 8} of
+    ViT-B/16's 12 and {8, 16} of ViT-L/14's 24 (1-based), one and two thirds of the depth; the
+    same fractions give blocks {2, 4} of the toy ViT's 6."""
     parts = max(2, count)
     return tuple(round(depth * (i + 1) / (parts + 1)) - 1 for i in range(count))
 
@@ -648,27 +639,13 @@ class DcpClip(SegmentationMethod):
 
     def __init__(self, *, config: DcpClipConfig, backbone: ClipBackbone) -> None:
         super().__init__()
-        if backbone.kind != "vit":
-            raise ValueError(
-                f"DCP-CLIP reads the [CLS] token and attention maps of a ViT CLIP; "
-                f"{backbone.name} has a {backbone.kind} image tower."
-            )
-        if config.input_size % backbone.stride:
-            raise ValueError(
-                f"input_size {config.input_size} is not a multiple of the patch size "
-                f"{backbone.stride}."
-            )
+        grid = require_vit(backbone, config.input_size, method="DCP-CLIP")  # [CLS] and A_CLIP
         self.config = config
         self.backbone = backbone
-        grid = config.input_size // backbone.stride
         layers = config.sed_layers
         guidance_layers = config.guidance_layers or _default_guidance_layers(
             backbone.num_layers, layers
         )
-        if len(guidance_layers) < layers:
-            raise ValueError(
-                f"sed_layers={layers} needs {layers} guidance_layers; got {guidance_layers}."
-            )
         self.feature_layers = tuple(guidance_layers[:layers]) if config.fuse_patch else ()
         self.cost_embedding = CostEmbedding(
             in_channels=len(resolve_templates(config.templates)), out_channels=config.cost_dim
@@ -690,10 +667,7 @@ class DcpClip(SegmentationMethod):
         )
         head_width = self.decoder.out_channels if self.decoder else config.cost_dim
         self.head = nn.Conv2d(head_width, 1, 3, padding=1)
-        # In training, DCS reads a whole-vocabulary encoding that is refreshed only every
-        # dcs_text_refresh_iters calls (spec §3.4); the last vocabulary's is cached.
-        self._dcs_text: LruCache[_EncodedVocabulary] = LruCache(max_entries=1)
-        self._training_calls = 0  # segment calls that encoded text with a training text tower
+        self._dcs_text: ExpiringEntry[TextEmbeddings] = ExpiringEntry()  # see _vocabulary_text
 
     def _uses_head(self) -> bool:
         return self.trained_head or self.training
@@ -738,13 +712,8 @@ class DcpClip(SegmentationMethod):
 
         if not self._text_tower_trains():
             return encode()
-        call = self._training_calls
-        self._training_calls += 1
         key = (classes, resolve_templates(self.config.templates))
-        cached = self._dcs_text.get(key)
-        if cached is None or call - cached.encoded_at_call >= self.config.dcs_text_refresh_iters:
-            cached = self._dcs_text.put(key, _EncodedVocabulary(call, encode()))
-        return cached.text
+        return self._dcs_text.get(key, encode, max_uses=self.config.dcs_text_refresh_iters)
 
     def _selected_text(
         self, classes: tuple[tuple[str, ...], ...], text: TextEmbeddings, selected_classes: Tensor
@@ -756,28 +725,13 @@ class DcpClip(SegmentationMethod):
         """
         if not self._text_tower_trains():
             return text.mean[selected_classes], text.per_template[selected_classes]
-        union = sorted(set(selected_classes.flatten().tolist()))
-        fresh = self.backbone.encode_text([classes[i] for i in union], self.config.templates)
-        row_of_class = torch.zeros(len(classes), dtype=torch.long, device=selected_classes.device)
-        row_of_class[union] = torch.arange(len(union), device=selected_classes.device)
-        rows = row_of_class[selected_classes]
+        union, rows = selected_classes.unique(return_inverse=True)  # union sorted ascending
+        fresh = self.backbone.encode_text(
+            [classes[i] for i in union.tolist()], self.config.templates
+        )
         return fresh.mean[rows], fresh.per_template[rows]
 
     # ----------------------------------------------------------------------------- segment
-    def _options(self, options: dict[str, Any]) -> DcpClipConfig:
-        """The config with this call's options in place of its own, checked as the config is."""
-        unknown = set(options) - set(SEGMENT_OPTIONS)
-        if unknown:
-            raise OptionError(
-                f"dcp-clip has no option(s) {sorted(unknown)}; known: {list(SEGMENT_OPTIONS)}."
-            )
-        if "theta" in options:  # θ given as an int or a string counts as its float
-            options["theta"] = float(options["theta"])
-        try:
-            return self.config.replace(**options)
-        except ValueError as error:
-            raise OptionError(str(error)) from None
-
     def segment(
         self,
         image_features: DenseFeatures,
@@ -791,16 +745,15 @@ class DcpClip(SegmentationMethod):
 
         In training the classes of ``target`` are forced into the selection when
         ``train_force_gt_classes``; in eval it changes nothing, so an evaluation that passes
-        labels sees exactly what inference does. The options ``theta``, ``tau`` (DCS),
-        ``tv_rank``, ``tag_validation`` and ``seen_classes`` (TV) override the config for this
-        call, without re-encoding the image.
+        labels sees exactly what inference does. The options (``SEGMENT_OPTIONS``: DCS's θ and τ,
+        TV's settings) override the config for this call, without re-encoding the image.
 
         Intermediates: ``selection`` (:class:`CategorySelection`), ``selected_classes`` and
         ``num_selected`` (per image), ``coarse_cost_map`` (``B×S×h×w``, in ``selected_classes``
         order, then padding), ``fine_labels`` (``B×H×W``, before TV) and ``tag_validation`` (per
         image, one :class:`TagDecision` per unseen region).
         """
-        config = self._options(options)
+        config = self.config_with_options(options, SEGMENT_OPTIONS)
         classes = class_synonyms(vocabulary)
         text = self._vocabulary_text(classes)
         features = image_features
@@ -860,20 +813,18 @@ class DcpClip(SegmentationMethod):
         )
 
     def _check_features(self, features: DenseFeatures) -> None:
-        missing = [
-            f"layer{i}" for i in self.feature_layers if f"layer{i}" not in features.intermediates
-        ]
-        needs_attention = self.decoder is not None and self.decoder.fuse_attention
-        if missing or (needs_attention and features.attention is None):
+        """Refuse features the head cannot read: encoded for the training-free path (no guidance
+        blocks or A_CLIP), or with A_CLIP at another patch grid than the decoder was built for."""
+        attention = features.attention
+        if any(f"layer{i}" not in features.intermediates for i in self.feature_layers) or (
+            self.decoder is not None
+            and self.decoder.fuse_attention
+            and (attention is None or attention.shape[-1] != self.decoder.attention_channels)
+        ):
             raise ValueError(
-                "These features were encoded for the training-free path (no guidance blocks or "
-                "attention maps); encode the image again after setting trained_head or train()."
-            )
-        if needs_attention and features.attention.shape[-1] != self.decoder.attention_channels:
-            raise ValueError(
-                f"DCP-CLIP was built for input_size {self.config.input_size} "
-                f"({self.decoder.attention_channels} patches); the image was encoded at "
-                f"{tuple(features.input_size)} ({features.attention.shape[-1]} patches)."
+                f"These features cannot feed DCP-CLIP's head (built for input_size "
+                f"{self.config.input_size}): encode the image at that size after setting "
+                "trained_head or train()."
             )
 
     def _run_head(

@@ -32,7 +32,12 @@ from ovseg.backbones import ClipBackbone, is_toy_clip
 from ovseg.images import crop_class_region
 from ovseg.methods.attention import LinearAttention, MultiHeadAttention
 from ovseg.methods.base import MethodConfig, SegmentationMethod, SegmentationOutput, VocabularyLike
-from ovseg.methods.blocks import CostEmbedding, DoubleConv, cosine_cost_volume
+from ovseg.methods.blocks import (
+    CostEmbedding,
+    DoubleConv,
+    convolved_cost_volume,
+    cosine_cost_volume,
+)
 from ovseg.methods.builder import method_builder, register_method
 from ovseg.methods.chunking import (
     ClassSource,
@@ -53,12 +58,11 @@ from ovseg.prompts.visual import (
     VisualPromptEmbeddings,
     VisualPromptGenerator,
     make_generator,
+    prompt_defaults,
 )
 
 SHIPPED_WEIGHTS = "dpseg-toy.safetensors"
 PROMPT_ENCODER_BATCH = 16
-TOY_PROMPTS_PER_CLASS = 16
-TOY_PROMPT_RESOLUTION = 128
 # Inference without gradients runs the class attention over chunks of pooled positions holding at
 # most this many class tokens (its MLP widens each token 4×; 847 classes at 768 px have 1.9 M
 # tokens in stage D3).
@@ -91,7 +95,8 @@ class DPSegConfig(MethodConfig):
     backbone: str = "toy-convnext"
     num_templates: int | None = None  # the first N templates only (Table 4); None: all (80)
     cost_embed_dim: int = 128  # d_F, the cost embedding width
-    # Output widths of D1-D3: the paper's 62 for D1 cannot be group-normalised, 64 can.
+    # Output widths of D1-D3: the paper's 62 for D1 does not split into SED's 62 // 16 = 3
+    # GroupNorm groups, 64 does.
     decoder_dims: tuple[int, ...] = (64, 32, 16)
     guidance_dims: tuple[int, ...] = (32, 16, 8)  # E_4, E_3, E_2 reduced (÷16 for ConvNeXt-B)
     visual_cost_dims: tuple[int, ...] = (32, 16, 8)  # F_v^4, F_v^3, F_v^2 projected
@@ -173,34 +178,59 @@ class DPSegConfig(MethodConfig):
         for width in self.decoder_dims:
             if width % max(1, width // 16):
                 problems.append(
-                    f"decoder width {width} cannot be group-normalised with {width // 16} groups "
-                    "(SED's DoubleConv uses width // 16); the paper's 62 is such a width, use 64"
+                    f"decoder width {width} does not split into SED's width // 16 = {width // 16} "
+                    "GroupNorm groups; the paper's 62 is such a width, use 64"
                 )
         return problems
 
 
-def _with_prompt_defaults(config: DPSegConfig, *, toy: bool, templates: int) -> DPSegConfig:
-    """``config`` with its "auto" and None prompt settings resolved (see :class:`DPSegConfig`)."""
-    generator = config.prompt_generator
-    if generator == "auto":
-        generator = "toyworld" if toy else "sd15"
-    sprites = generator == "toyworld"
-    config = config.replace(
-        prompt_generator=generator,
-        prompts_per_class=config.prompts_per_class
-        or (min(TOY_PROMPTS_PER_CLASS, templates) if sprites else templates),
-        prompt_resolution=config.prompt_resolution
-        or (TOY_PROMPT_RESOLUTION if sprites else config.input_size),
-    )
-    if not 1 <= config.prompts_per_class <= templates:
-        raise ValueError(
-            f"prompts_per_class must be between 1 and the {templates} templates; "
-            f"got {config.prompts_per_class}."
+# ------------------------------------------------------------------------- §4.1 dual prompts, F_c
+
+
+@dataclass
+class DualPrompts:
+    """The prompts of one pass, per image (Inference II makes them image-specific).
+
+    Attributes:
+        text: T, ``B×K×M×D_z``, L2-normalised.
+        visual: V, ``B×K×M×D_z``.
+        pooled: V̄_2, V̄_3, V̄_4, ``B×K×M×D_j``.
+    """
+
+    text: Tensor
+    visual: Tensor
+    pooled: tuple[Tensor, ...]
+
+    def classes(self, index: slice) -> DualPrompts:
+        """The prompts of some classes (views)."""
+        return DualPrompts(
+            text=self.text[:, index],
+            visual=self.visual[:, index],
+            pooled=tuple(p[:, index] for p in self.pooled),
         )
-    return config
 
 
-# ------------------------------------------------------------------------------------- blocks
+def dual_prompt_cost_volume(
+    embeddings: Tensor, prompts: DualPrompts, config: DPSegConfig
+) -> Tensor:
+    """F_c (Eq. 1 and the Table 2 variants ``config.prompt_mode`` and ``config.cost_fusion``):
+    ``B×D_z×h×w`` → ``B×K×M×h×w`` (``2M`` for ``cost_fusion="cat"``); the CLIP logit scale is not
+    applied."""
+    if config.prompt_mode == "text":
+        return cosine_cost_volume(embeddings, prompts.text, per_image=True)
+    if config.prompt_mode == "visual":
+        return cosine_cost_volume(embeddings, prompts.visual, per_image=True)
+    if config.cost_fusion == "avg_emb":
+        dual = (F.normalize(prompts.visual, dim=-1) + F.normalize(prompts.text, dim=-1)) / 2
+        return cosine_cost_volume(embeddings, dual, per_image=True)  # R = Avg(V̂ + T̂), Eq. 1
+    text_cost = cosine_cost_volume(embeddings, prompts.text, per_image=True)
+    visual_cost = cosine_cost_volume(embeddings, prompts.visual, per_image=True)
+    if config.cost_fusion == "avg_cos":
+        return (text_cost + visual_cost) / 2
+    return torch.cat([text_cost, visual_cost], dim=2)
+
+
+# ------------------------------------------------------------------------------------ §4.2 blocks
 
 
 class HybridDilatedConv(nn.Module):
@@ -316,68 +346,28 @@ class ClassAttention(nn.Module):
 class VisualCostProjection(nn.Module):
     """The visual cost volume F_v^j (Eq. 2) projected from M to g channels: Conv(M→g, 3×3)+ReLU.
 
-    ``F_v^j(x, k, m) = cos(Pool(V_j(k, m)), E_j(x))`` is linear in the normalised pixel features,
-    so the projection folds into the prototypes (spec §2.7):
-    ``Σ_m Σ_o W[c, m, o] · p̂_{k,m} · ê(x+o) = Σ_o ê(x+o) · Q[k, c, o]`` with
-    ``Q[k, c, o] = Σ_m W[c, m, o] p̂_{k,m}``, a convolution of Ê_j with K·g prototype-derived
-    filters (zero padding of F_v equals zero padding of Ê_j). The folded form never builds the
-    ``B×K×M×H_j×W_j`` volume; :meth:`naive` does, as the reference. ``mode="auto"`` picks the one
-    with fewer multiply-adds (folded costs ``9·g·D_j`` per class and pixel, naive
-    ``M·D_j + 9·M·g``).
+    :meth:`forward` folds the convolution into the prototypes when that is cheaper and then never
+    builds the ``B×K×M×H_j×W_j`` volume (:func:`~ovseg.methods.blocks.convolved_cost_volume`,
+    spec §2.7); :meth:`naive` builds it, as the reference.
     """
 
-    def __init__(self, *, num_prompts: int, out_channels: int, mode: str = "auto") -> None:
+    def __init__(self, *, num_prompts: int, out_channels: int) -> None:
         super().__init__()
-        if mode not in ("auto", "folded", "naive"):
-            raise ValueError(f"mode must be one of ['auto', 'folded', 'naive']; got {mode!r}.")
-        self.mode = mode
         self.conv = nn.Conv2d(num_prompts, out_channels, 3, padding=1)
 
     @staticmethod
-    def cost_volume(encoder_features: Tensor, prototypes: Tensor) -> Tensor:
-        """Eq. 2: ``B×D_j×H×W`` and pooled prototypes ``B×K×M×D_j`` → ``B×K×M×H×W``."""
+    def visual_cost_volume(encoder_features: Tensor, prototypes: Tensor) -> Tensor:
+        """Eq. 2, ``F_v^j(x, k, m) = cos(Pool(V_j(k, m)), E_j(x))``: ``B×D_j×H×W`` and pooled
+        prototypes ``B×K×M×D_j`` → ``B×K×M×H×W``."""
         return cosine_cost_volume(encoder_features, prototypes, per_image=True)
 
     def naive(self, encoder_features: Tensor, prototypes: Tensor) -> Tensor:
-        """Reference: build F_v^j, then convolve each class slice. → ``B×K×g×H×W``."""
-        cost = self.cost_volume(encoder_features, prototypes)
-        batch, classes = cost.shape[:2]
-        projected = self.conv(cost.flatten(0, 1))
-        return F.relu(projected).unflatten(0, (batch, classes))
-
-    def folded(self, encoder_features: Tensor, prototypes: Tensor) -> Tensor:
-        """The same as :meth:`naive` without the M-channel volume. → ``B×K×g×H×W``."""
-        batch, channels, height, width = encoder_features.shape
-        classes = prototypes.shape[1]
-        pixels = F.normalize(encoder_features, dim=1)
-        filters = torch.einsum(
-            "gmyx,bkmd->bkgdyx", self.conv.weight, F.normalize(prototypes, dim=-1)
-        )
-        outputs = self.conv.out_channels
-        projected = F.conv2d(
-            pixels.reshape(1, batch * channels, height, width),
-            filters.reshape(batch * classes * outputs, channels, 3, 3),
-            padding=1,
-            groups=batch,
-        )
-        projected = projected.view(batch, classes, outputs, height, width)
-        projected += self.conv.bias.view(1, 1, -1, 1, 1)  # in place: a fresh conv output
-        return F.relu(projected, inplace=True)
+        """F_v^j built, then each class slice convolved. → ``B×K×g×H×W``."""
+        return F.relu(each_class(self.conv, self.visual_cost_volume(encoder_features, prototypes)))
 
     def forward(self, encoder_features: Tensor, prototypes: Tensor) -> Tensor:
         """``B×D_j×H×W`` (detached E_j) and ``B×K×M×D_j`` (V̄_j) → ``B×K×g×H×W``."""
-        mode = self.mode
-        if mode == "auto":
-            prompts, outputs = self.conv.in_channels, self.conv.out_channels
-            dim = encoder_features.shape[1]
-            mode = (
-                "folded" if 9 * outputs * dim <= prompts * dim + 9 * prompts * outputs else "naive"
-            )
-        return (
-            self.folded(encoder_features, prototypes)
-            if mode == "folded"
-            else self.naive(encoder_features, prototypes)
-        )
+        return F.relu(convolved_cost_volume(self.conv, encoder_features, prototypes), inplace=True)
 
 
 class DecoderStage(nn.Module):
@@ -392,9 +382,8 @@ class DecoderStage(nn.Module):
         super().__init__()
         channels = (config.cost_embed_dim, *config.decoder_dims)[index]
         guidance = config.guidance_dims[index]
-        visual_cost = (
-            config.visual_cost_dims[index] if 4 - index in config.visual_cost_scales else 0
-        )
+        scale = 4 - index  # j: D1 is guided by F_v^4, D2 by F_v^3, D3 by F_v^2
+        visual_cost = config.visual_cost_dims[index] if scale in config.visual_cost_scales else 0
         upsampled_cost = config.visual_cost_dims[index] if config.upsampled_cost_guidance else 0
         self.hd_conv = HybridDilatedConv(
             channels=channels, dilations=config.dilations, mlp_ratio=config.mlp_ratio
@@ -430,7 +419,7 @@ class DecoderStage(nn.Module):
         *,
         class_chunk: int,
         buffer: Tensor | None = None,
-        head: nn.Module | None = None,
+        logit_conv: nn.Module | None = None,
     ) -> Tensor:
         """The stage on K classes, ``class_chunk`` at a time: only the HD Conv output, its
         pooled class tokens and the stage output span all classes.
@@ -442,7 +431,8 @@ class DecoderStage(nn.Module):
             upsampled_cost: class slice → the upsampled F_c, ``B×c×u×2s×2s``, or None.
             buffer: receives the HD Conv output without autograd; it may be the tensor ``source``
                 reads from.
-            head: applied to each chunk of the output (the decoder's logit conv, last stage).
+            logit_conv: applied to each chunk of the output (the decoder's ``head``, last stage),
+                so that the last stage's output is never held for all classes.
         """
         slices = class_slices(classes, class_chunk)
         hidden = join_classes(
@@ -455,23 +445,14 @@ class DecoderStage(nn.Module):
 
         def output(index: slice) -> Tensor:
             x = self.class_attention.attended(hidden, tokens, index)
-            batch, count = x.shape[:2]
+            count = x.shape[1]
             pieces = [each_class(self.upsample, x), guidance.expand(-1, count, -1, -1, -1)]
             if self.visual_cost is not None:
                 pieces.append(self.visual_cost(encoder_features, prototypes[:, index]))  # Eq. 2
             if upsampled_cost is not None:
                 pieces.append(upsampled_cost(index))
-            stacked = torch.cat(pieces, dim=2).flatten(0, 1)
-            del pieces
-            # self.fuse(stacked), with stacked (a chunk's largest tensor at 1/4 scale) freed after
-            # the first convolution.
-            first, *rest = self.fuse
-            fused = first(stacked)
-            del stacked
-            for layer in rest:
-                fused = layer(fused)
-            fused = fused.unflatten(0, (batch, count))
-            return fused if head is None else each_class(head, fused)
+            fused = self.fuse.fuse_classes(pieces)
+            return fused if logit_conv is None else each_class(logit_conv, fused)
 
         return join_classes(((index, output(index)) for index in slices), classes)
 
@@ -490,14 +471,12 @@ class CostVolumeGuidedDecoder(nn.Module):
         cost_channels: int,
     ) -> None:
         super().__init__()
+        # The encoder's stages coarsest first: D1, D2, D3 are guided by E_4, E_3, E_2.
         self.stages = nn.ModuleList(
             DecoderStage(
-                config=config,
-                index=index,
-                encoder_channels=encoder_channels[2 - index],
-                num_prompts=num_prompts,
+                config=config, index=index, encoder_channels=channels, num_prompts=num_prompts
             )
-            for index in range(3)
+            for index, channels in enumerate(reversed(encoder_channels))
         )
         self.cost_upsampling = None
         if config.upsampled_cost_guidance:
@@ -510,42 +489,44 @@ class CostVolumeGuidedDecoder(nn.Module):
 
     def forward(
         self,
-        embedded_cost: ClassSource,
-        cost_volume: ClassSource,
+        embedded_cost_of: ClassSource,
+        cost_volume_of: ClassSource,
         classes: int,
         encoder_features: Sequence[Tensor],
         prototypes: Sequence[Tensor],
         *,
         class_chunk: int,
     ) -> Tensor:
-        """Logits ``B×K×H/4×W/4`` from ``embedded_cost`` and ``cost_volume`` (class slice → F and
-        F_c of those classes), E_2..E_4 (detached) and V̄_2..V̄_4. F, F_c and D3's output (the
+        """Logits ``B×K×H/4×W/4`` from ``embedded_cost_of`` and ``cost_volume_of`` (class slice → F
+        and F_c of those classes), E_2..E_4 (detached) and V̄_2..V̄_4. F, F_c and D3's output (the
         last stage applies the logit conv per chunk) are never held for all classes."""
-        source, x = embedded_cost, None
-        for index, stage in enumerate(self.stages):
+        source, x = embedded_cost_of, None
+        # E_j and V̄_j coarsest first, as the stages take them.
+        inputs = zip(self.stages, reversed(encoder_features), reversed(prototypes), strict=True)
+        for index, (stage, stage_features, pooled) in enumerate(inputs):
             upsampled = None
             if self.cost_upsampling is not None:
-                upsampled = _upsampled_cost(cost_volume, self.cost_upsampling[: index + 1])
+                upsampled = _upsampled_cost(cost_volume_of, self.cost_upsampling[: index + 1])
             x = stage(
                 source,
                 classes,
-                encoder_features[2 - index],
-                prototypes[2 - index],
+                stage_features,
+                pooled,
                 upsampled,
                 class_chunk=class_chunk,
                 buffer=x,
-                head=self.head if index == len(self.stages) - 1 else None,
+                logit_conv=self.head if index == len(self.stages) - 1 else None,
             )
             source = classes_of(x)
         return x.squeeze(2)
 
 
-def _upsampled_cost(cost_volume: ClassSource, layers: Sequence[nn.Module]) -> ClassSource:
+def _upsampled_cost(cost_volume_of: ClassSource, layers: Sequence[nn.Module]) -> ClassSource:
     """Class slice → F_c of those classes upsampled by ``layers`` (the ``upsampled_cost_guidance``
     deconvolutions up to the stage's scale)."""
 
     def upsampled(index: slice) -> Tensor:
-        x = cost_volume(index)
+        x = cost_volume_of(index)
         for layer in layers:
             x = each_class(layer, x)
         return x
@@ -574,29 +555,6 @@ class DPSegFeatures:
     input_size: tuple[int, int]
 
 
-@dataclass
-class DualPrompts:
-    """The prompts of one pass, per image (Inference II makes them image-specific).
-
-    Attributes:
-        text: T, ``B×K×M×D_z``, L2-normalised.
-        visual: V, ``B×K×M×D_z``.
-        pooled: V̄_2, V̄_3, V̄_4, ``B×K×M×D_j``.
-    """
-
-    text: Tensor
-    visual: Tensor
-    pooled: tuple[Tensor, ...]
-
-    def classes(self, index: slice) -> DualPrompts:
-        """The prompts of some classes (views)."""
-        return DualPrompts(
-            text=self.text[:, index],
-            visual=self.visual[:, index],
-            pooled=tuple(p[:, index] for p in self.pooled),
-        )
-
-
 def detect_classes(label_map: Tensor, num_classes: int, threshold: float = 0.0) -> list[list[int]]:
     """Per image, the classes covering more than ``threshold`` of the pixels of ``label_map``
     (``B×H×W``); τ = 0 keeps every class that appears (§4.3: "each category detected")."""
@@ -608,18 +566,11 @@ def detect_classes(label_map: Tensor, num_classes: int, threshold: float = 0.0) 
     return [torch.nonzero(row).flatten().tolist() for row in found]
 
 
-def _template_mean_cost(features: Tensor, prompts: Tensor) -> Tensor:
-    """``mean_m cos(features, prompts[:, :, m])``: ``B×D×h×w``, ``B×K×M×D`` → ``B×K×h×w``, as the
-    dot product with the mean of the normalised prompts (``B×K×M×h×w`` is never built)."""
-    mean_prompt = F.normalize(prompts, dim=-1).mean(dim=2)
-    return torch.einsum("bdhw,bkd->bkhw", F.normalize(features, dim=1), mean_prompt)
-
-
 # -------------------------------------------------------------------------------------- model
 
 
-# The keyword options of DPSeg.segment; anything else is refused.
-SEGMENT_OPTIONS = ("inference", "detection_threshold", "crop_mode", "refine_stage_features", "head")
+# The config fields DPSeg.segment takes as options; anything else but ``head`` is refused.
+SEGMENT_OPTIONS = ("inference", "detection_threshold", "crop_mode", "refine_stage_features")
 
 
 class DPSeg(SegmentationMethod):
@@ -655,8 +606,15 @@ class DPSeg(SegmentationMethod):
                 f"num_templates must be between 1 and {len(all_templates)}; got {count}."
             )
         self.templates = all_templates[:count]
-        self.config = config = _with_prompt_defaults(
-            config, toy=is_toy_clip(backbone), templates=count
+        self.config = config = config.replace(
+            **prompt_defaults(
+                config.prompt_generator,
+                config.prompts_per_class,
+                config.prompt_resolution,
+                toy=is_toy_clip(backbone),
+                templates=count,
+                input_size=config.input_size,
+            )
         )
         self.backbone = backbone
         self.trained_head = False
@@ -719,24 +677,11 @@ class DPSeg(SegmentationMethod):
         self, images: Tensor | Sequence[Tensor]
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The frozen visual prompt encoder: N ``3×S×S`` images in [0, 1] → V (``N×D_z``, the
-        CLIP image embedding) and V̄_2, V̄_3, V̄_4 (``N×D_j``, spatial means of the stage maps).
-        A sequence of images is stacked one encoder batch at a time."""
-        tower = self.prompt_encoder
-        trunk = tower.trunk
-        parameter = next(tower.parameters())
-        embeddings, pooled = [], []
-        for start in range(0, len(images), PROMPT_ENCODER_BATCH):
-            chunk = images[start : start + PROMPT_ENCODER_BATCH]
-            chunk = chunk if isinstance(chunk, Tensor) else torch.stack(chunk)
-            x = trunk.stem(self.backbone.normalize(chunk.to(parameter.device, parameter.dtype)))
-            means = []
-            for index, stage in enumerate(trunk.stages):
-                x = stage(x)
-                if index < 3:
-                    means.append(x.mean(dim=(2, 3)))  # V̄_j = Pool(V_j)
-            embeddings.append(tower.head(trunk.forward_head(trunk.norm_pre(x))))
-            pooled.append(means)
-        return torch.cat(embeddings), tuple(torch.cat(level) for level in zip(*pooled, strict=True))
+        CLIP image embedding) and V̄_2, V̄_3, V̄_4 (``N×D_j``, the spatial means ``Pool(V_j)`` of
+        the first three stages' maps), ``PROMPT_ENCODER_BATCH`` images at a time."""
+        return self.backbone.encode_stage_means(
+            images, (0, 1, 2), tower=self.prompt_encoder, batch_size=PROMPT_ENCODER_BATCH
+        )
 
     def visual_prompts(self, vocabulary: VocabularyLike) -> VisualPromptEmbeddings:
         """V (``K×M×D_z``) and V̄_j (``K×M×D_j``) of a vocabulary, from the prompt bank."""
@@ -761,35 +706,18 @@ class DPSeg(SegmentationMethod):
         )
 
     # ---------------------------------------------------------------------------- one pass
-    def cost_volume(self, embeddings: Tensor, prompts: DualPrompts) -> Tensor:
-        """F_c (Eq. 1 and the Table 2 variants): ``B×D_z×h×w`` → ``B×K×M×h×w`` (``2M`` for
-        ``cost_fusion="cat"``); the CLIP logit scale is not applied."""
-        config = self.config
-        if config.prompt_mode == "text":
-            return cosine_cost_volume(embeddings, prompts.text, per_image=True)
-        if config.prompt_mode == "visual":
-            return cosine_cost_volume(embeddings, prompts.visual, per_image=True)
-        if config.cost_fusion == "avg_emb":
-            dual = (F.normalize(prompts.visual, dim=-1) + F.normalize(prompts.text, dim=-1)) / 2
-            return cosine_cost_volume(embeddings, dual, per_image=True)  # R = Avg(V̂ + T̂), Eq. 1
-        text_cost = cosine_cost_volume(embeddings, prompts.text, per_image=True)
-        visual_cost = cosine_cost_volume(embeddings, prompts.visual, per_image=True)
-        if config.cost_fusion == "avg_cos":
-            return (text_cost + visual_cost) / 2
-        return torch.cat([text_cost, visual_cost], dim=2)
-
     def decode(self, features: DPSegFeatures, prompts: DualPrompts) -> Tensor:
         """The trained head → logits ``B×K×H/4×W/4``: F_c, its embedding F and the CVGD."""
 
-        def cost_volume(index: slice) -> Tensor:
-            return self.cost_volume(features.embeddings, prompts.classes(index))  # F_c, Eq. 1
+        def cost_volume_of(index: slice) -> Tensor:  # F_c of some classes, Eq. 1
+            return dual_prompt_cost_volume(features.embeddings, prompts.classes(index), self.config)
 
-        def embedded_cost(index: slice) -> Tensor:
-            return self.cost_embedding(cost_volume(index))  # F
+        def embedded_cost_of(index: slice) -> Tensor:
+            return self.cost_embedding(cost_volume_of(index))  # F
 
         return self.decoder(
-            embedded_cost,
-            cost_volume,
+            embedded_cost_of,
+            cost_volume_of,
             prompts.text.shape[1],
             features.guidance,
             prompts.pooled,
@@ -799,13 +727,13 @@ class DPSeg(SegmentationMethod):
     def training_free_scores(self, features: DPSegFeatures, prompts: DualPrompts) -> Tensor:
         """F_c averaged over templates, ``B×K×h×w`` (DESIGN.md §5)."""
         classes = prompts.text.shape[1]
-        return join_classes(
-            (
-                (index, self.cost_volume(features.embeddings, prompts.classes(index)).mean(dim=2))
-                for index in class_slices(classes, self.config.class_chunk)
-            ),
-            classes,
-        )
+
+        def template_mean(index: slice) -> Tensor:
+            cost = dual_prompt_cost_volume(features.embeddings, prompts.classes(index), self.config)
+            return cost.mean(dim=2)
+
+        slices = class_slices(classes, self.config.class_chunk)
+        return join_classes(((index, template_mean(index)) for index in slices), classes)
 
     def _pass(self, features: DPSegFeatures, prompts: DualPrompts, use_head: bool) -> Tensor:
         """One pass's logits at the head's resolution (1/4, or 1/32 training-free)."""
@@ -883,31 +811,26 @@ class DPSeg(SegmentationMethod):
         *,
         return_intermediates: bool = False,
         target: Tensor | None = None,
-        inference: str | None = None,
-        detection_threshold: float | None = None,
-        crop_mode: str | None = None,
-        refine_stage_features: bool | None = None,
         head: bool | None = None,
         **options: Any,
     ) -> SegmentationOutput:
         """Segment encoded images (see :meth:`SegmentationMethod.segment`).
 
         Options: ``inference`` ("I" in training mode), ``detection_threshold``, ``crop_mode``
-        and ``refine_stage_features`` default to the config's; ``head``: True runs the decoder,
-        False the training-free path; default: the decoder when it is trained or being trained.
+        and ``refine_stage_features`` replace the config's for this call; ``head``: True runs the
+        decoder, False the training-free path; default: the decoder when it is trained or being
+        trained.
 
-        Intermediates (``return_intermediates=True``): those of
-        :meth:`_cost_volume_intermediates`, and with Inference II ``refined_prompt_images`` (per
-        image, class index → its crop), ``pass1_logits`` and ``pass2_logits``. Inference II
-        always returns ``detected_classes``. Pass I's logits are upsampled for all classes only
-        as the output or an intermediate (2 GB for 847 classes at 768 px); Inference II takes
-        its label map from a running argmax over chunks of classes.
+        Intermediates (``return_intermediates=True``): pass I's ``image_embeddings`` (E) and
+        ``prompts`` (:class:`DualPrompts`), ``visual_prompt_images`` (a lazy gallery, class index
+        → images), and with Inference II ``refined_prompt_images`` (per image, class index → its
+        crop), ``pass1_logits`` and ``pass2_logits``. Inference II always returns
+        ``detected_classes``. Pass I's logits are upsampled for all classes only as the output or
+        an intermediate (2 GB for 847 classes at 768 px); Inference II takes its label map from a
+        running argmax over chunks of classes.
         """
-        self.check_options(options, SEGMENT_OPTIONS)
-        config = self.config
-        mode = inference or ("I" if self.training else config.inference)
-        if mode not in DPSegConfig.choices["inference"]:
-            raise ValueError(f"inference must be one of ['I', 'II']; got {mode!r}.")
+        config = self.config_with_options(options, SEGMENT_OPTIONS)
+        mode = "I" if self.training and "inference" not in options else config.inference
         use_head = head if head is not None else (self.trained_head or self.training)
         features = image_features
         size = features.input_size
@@ -917,8 +840,14 @@ class DPSeg(SegmentationMethod):
         prompts = self.dual_prompts(vocabulary, features.embeddings.shape[0])
         pass_one = self._pass(features, prompts, use_head)
         if return_intermediates:
-            intermediates |= self._cost_volume_intermediates(features, prompts, vocabulary)
-            intermediates["head"] = "trained" if use_head else "training-free"
+            intermediates |= {
+                "head": "trained" if use_head else "training-free",
+                "image_embeddings": features.embeddings,
+                "prompts": prompts,
+                "visual_prompt_images": self.prompt_bank.gallery(
+                    vocabulary, self.templates, config.prompts_per_class
+                ),
+            }
         if mode == "I":
             return SegmentationOutput(
                 logits=upsample_logits(pass_one, size), intermediates=intermediates
@@ -929,15 +858,9 @@ class DPSeg(SegmentationMethod):
             features,
             prompts,
             upsampled_argmax(pass_one, size),
-            detection_threshold=(
-                config.detection_threshold if detection_threshold is None else detection_threshold
-            ),
-            crop_mode=crop_mode or config.crop_mode,
-            refine_stage_features=(
-                config.refine_stage_features
-                if refine_stage_features is None
-                else refine_stage_features
-            ),
+            detection_threshold=config.detection_threshold,
+            crop_mode=config.crop_mode,
+            refine_stage_features=config.refine_stage_features,
         )
         intermediates["detected_classes"] = detected
         if refined is prompts:  # nothing detected: pass II would repeat pass I
@@ -951,22 +874,6 @@ class DPSeg(SegmentationMethod):
                 "pass2_logits": logits,
             }
         return SegmentationOutput(logits=logits, intermediates=intermediates)
-
-    def _cost_volume_intermediates(
-        self, features: DPSegFeatures, prompts: DualPrompts, vocabulary: VocabularyLike
-    ) -> dict[str, Any]:
-        """What the demo draws of pass I: ``text_cost_volume``, ``visual_cost_volume`` and
-        ``dual_cost_volume`` (``B×K×h×w``, template-averaged cosines of E with T, V and R, Fig.
-        3), and ``visual_prompt_images`` (a lazy gallery, class index → images)."""
-        dual = (F.normalize(prompts.visual, dim=-1) + F.normalize(prompts.text, dim=-1)) / 2
-        return {
-            "text_cost_volume": _template_mean_cost(features.embeddings, prompts.text),
-            "visual_cost_volume": _template_mean_cost(features.embeddings, prompts.visual),
-            "dual_cost_volume": _template_mean_cost(features.embeddings, dual),
-            "visual_prompt_images": self.prompt_bank.gallery(
-                vocabulary, self.templates, self.config.prompts_per_class
-            ),
-        }
 
     # ------------------------------------------------------------------------------ training
     def loss(self, output: SegmentationOutput, target: Tensor) -> dict[str, Tensor]:

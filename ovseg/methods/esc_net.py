@@ -7,26 +7,22 @@ The file follows Section 3 of the paper (spec: ``specs/esc-net.md``). A CLIP cos
 1. turns every class's activation map into SAM prompts with the parameter-free **Pseudo Prompt
    Generator** (:func:`pseudo_prompts`, Sec. 3.3);
 2. embeds them with SAM's pretrained prompt encoder (:class:`GridPromptEncoder`) and runs one
-   **pretrained SAM two-way block** (:class:`SamBlock`, Sec. 3.4) batched over classes; the
-   per-class features are fused into one class-agnostic ``F'_v`` (Eq. 2);
+   **pretrained SAM two-way block** (:class:`SamBlock`, Sec. 3.4) batched over classes, fusing
+   the per-class features into one class-agnostic ``F'_v`` (Eq. 2);
 3. refines the embedded cost volume with the **VLF** block (:class:`VisionLanguageFusion`,
-   Sec. 3.5).
+   Sec. 3.5; the model's ``fusion`` list).
 
 SAM's image encoder is never part of the model. Without trained head weights the method runs
 ovseg's training-free path instead (:func:`~ovseg.methods.training_free.sam_prompted_logits`).
 
-Where the paper is silent the spec's §9 recommendations are used: τ = 0.01 and α = 1/(h·w) for
-the PPG (A7), farthest-point-seeded Lloyd k-means with 10 iterations (A8), the SAM layers copied
-in the order [L0, L1, L0, L1] (A2), one projected text token replacing SAM's output tokens (A3),
-``F'_v = Conv1×1([F_v ; mean_n (F_v^n)'])`` (A5), SAM's mask prompt of the union of the 5
-regions as each class's dense prompt (A9: SAM takes one mask per prompt set), ``S_k = S_{k-1} +
-ZeroConv(C'_k)`` as the next block's map (A11), CAT-Seg's Swin and decoder sizes (A12, A13; with
-ViT-B/16 at the paper's 336 px, window 7 on the 21×21 grid, A18), per-pixel BCE (A14), and CLIP's
-Q/V projections and position embeddings tuned with the SAM layers at 2e-6 and the rest at 2e-4
-(A16, A17).
+Where the paper is silent the spec's §9 recommendations are used, each marked where it applies
+(A2 … A20): among them τ = 0.01 and α = 1/(h·w) for the PPG (A7), farthest-point-seeded Lloyd
+k-means (A8), SAM's two decoder layers copied as [L0, L1, L0, L1] (A2), the mean of the per-class
+features in Eq. 2 (A5) and ``S_i = S_{i-1} + ZeroConv(C'_i)`` as block i+1's map (A11).
 
-Shapes: ``B`` images, ``K`` classes (``Kc`` in a chunk of classes), ``N`` ESC blocks (``k`` one
-of them), an ``h×w`` CLIP patch grid, ``C_s`` SAM's prompt width, ``D_h`` the VLF width.
+Shapes: ``B`` images, ``K`` classes (the paper's N_c; ``Kc`` in a chunk of classes), ``N`` ESC
+blocks (block ``i`` of them maps ``S_{i-1}`` to ``S_i``), an ``h×w`` CLIP patch grid, ``C_s``
+SAM's prompt width, ``D_h`` the VLF width.
 """
 
 from __future__ import annotations
@@ -49,10 +45,10 @@ from ovseg.methods import optimiser
 from ovseg.methods.attention import LinearAttention, Mlp, SwinBlock
 from ovseg.methods.base import MethodConfig, SegmentationMethod, SegmentationOutput, VocabularyLike
 from ovseg.methods.blocks import DoubleConv, cosine_cost_volume
-from ovseg.methods.builder import method_builder, register_method
+from ovseg.methods.builder import method_builder, register_method, require_vit
 from ovseg.methods.chunking import class_slices, per_class, upsample_logits
 from ovseg.methods.losses import one_hot_bce
-from ovseg.methods.training_free import sam_prompted_logits
+from ovseg.methods.training_free import TrainingFreeSam, sam_prompted_logits
 
 SHIPPED_WEIGHTS = "esc-net-toy.safetensors"
 PROMPT_TYPES = ("point", "box", "mask")
@@ -76,16 +72,17 @@ class EscNetConfig(MethodConfig):
     # strength, which the shipped toy head was trained with.
     dense_prompt: str = "union"
     num_blocks: int = 4  # N
-    # PPG (Sec. 3.3): N_o regions, softmax temperature, threshold α (None: 1/(h·w)), Lloyd
-    # iterations, and κ of the ±κ mask-prompt logits.
+    # PPG (Sec. 3.3; A7, A8): N_o regions, softmax temperature, threshold α (None: 1/(h·w)),
+    # Lloyd iterations, and κ of the ±κ mask-prompt logits.
     num_objects: int = 5
     ppg_tau: float = 0.01
     ppg_alpha: float | None = None
     kmeans_iterations: int = 10
     mask_logit: float = 10.0
-    # VLF and decoder (Sec. 3.5–3.6). The window must divide the patch grid or exceed it (A18);
-    # window_padding=True pads the grid to whole windows instead, which neither CAT-Seg nor the
-    # paper does. skip_layers: 0-based ViT blocks (None: at a third and two thirds of the depth).
+    # VLF and decoder (Sec. 3.5–3.6; A12, A13). The window must divide the patch grid or exceed
+    # it (A18); window_padding=True pads the grid to whole windows instead, which neither CAT-Seg
+    # nor the paper does. skip_layers: 0-based ViT blocks (None: at a third and two thirds of the
+    # depth, 12 → (3, 7), 24 → (7, 15)).
     hidden_dim: int = 128  # D_h
     swin_heads: int = 4
     window_size: int = 12
@@ -347,14 +344,14 @@ class VisionLanguageFusion(nn.Module):
         """One VLF pass over a chunk of ``Kc`` classes of ``B`` images.
 
         Arguments:
-            activation_map: ``(B·Kc)×h×w`` scalar maps ``S_{k-1}``.
+            activation_map: ``(B·Kc)×h×w`` scalar maps ``S_{i-1}``.
             previous_correlation: ``(B·Kc)×D_h×h×w`` the previous block's ``C'_{v&l}`` (None in
                 block 1).
             guidance: ``B×h×w×D_h`` from :meth:`guidance_map`.
             text_keys: ``K×D_h`` projected text of the whole vocabulary (keys and values).
 
         Returns:
-            ``C'_{v&l}`` (``(B·Kc)×D_h×h×w``) and ``S_k`` (``(B·Kc)×h×w``).
+            ``C'_{v&l}`` (``(B·Kc)×D_h×h×w``) and ``S_i`` (``(B·Kc)×h×w``).
         """
         embedded = self.embed(activation_map[:, None])  # C_e
         if previous_correlation is not None:
@@ -441,7 +438,7 @@ class EscBlockOutput:
     Attributes:
         vision_features: ``B×C_s×h×w`` ``F'_v`` (Eq. 2); without SAM, the block's input ``F_v``.
         correlation: ``B×K×D_h×h×w`` ``C'_{v&l}``, the VLF's refined correlation.
-        activation_map: ``B×K×h×w`` ``S_k``, the map the next block's PPG reads (A11).
+        activation_map: ``B×K×h×w`` ``S_i``, the map the next block's PPG reads (A11).
         pseudo_prompts: the PPG's prompts, one :class:`PseudoPrompts` per chunk of classes, of
             its ``B·Kc`` maps in (image, class) order; empty without SAM.
     """
@@ -450,11 +447,6 @@ class EscBlockOutput:
     correlation: Tensor
     activation_map: Tensor
     pseudo_prompts: list[PseudoPrompts]
-
-
-def _default_skip_layers(depth: int) -> tuple[int, int]:
-    """0-based blocks at a third and two thirds of the depth: 12 → (3, 7), 24 → (7, 15)."""
-    return (round(depth / 3) - 1, round(2 * depth / 3) - 1)
 
 
 class EscNet(SegmentationMethod):
@@ -473,19 +465,20 @@ class EscNet(SegmentationMethod):
         random for Table 2 b or for head weights to overwrite; its image encoder may be absent).
         ``config.input_size`` fixes the patch grid the prompts live on."""
         super().__init__()
-        if backbone.kind != "vit":
-            raise ValueError(f"ESC-Net needs a ViT CLIP; {backbone.name} is a {backbone.kind}.")
-        if config.input_size % backbone.stride:
-            raise ValueError(
-                f"input_size {config.input_size} is not a multiple of the patch size "
-                f"{backbone.stride}."
-            )
+        self.grid = require_vit(backbone, config.input_size, method="ESC-Net")
         if config.use_sam and sam is None:
             raise ValueError("use_sam=True needs a SAM to copy the prompt encoder and layers from.")
         self.config = config
         self.backbone = backbone
-        self.grid = config.input_size // backbone.stride
-        self.skip_layers = config.skip_layers or _default_skip_layers(backbone.num_layers)
+        depth = backbone.num_layers
+        self.skip_layers = config.skip_layers or (round(depth / 3) - 1, round(2 * depth / 3) - 1)
+        self.ppg = partial(  # the PPG (Sec. 3.3) has no parameters, only these settings
+            pseudo_prompts,
+            num_objects=config.num_objects,
+            tau=config.ppg_tau,
+            alpha=config.ppg_alpha,
+            iterations=config.kmeans_iterations,
+        )
         vision_dim = sam.prompt_embed_dim if sam is not None else 256
         text_dim = backbone.embed_dim
         self.image_projection = nn.Conv2d(text_dim, vision_dim, 1)  # A4
@@ -500,10 +493,10 @@ class EscNet(SegmentationMethod):
             )
             self.text_token = nn.Linear(text_dim, vision_dim)  # A3
             self.sam_blocks = nn.ModuleList(
-                SamBlock(layer=layers[k % len(layers)], dim=vision_dim)  # A2: [L0, L1, L0, L1]
-                for k in range(config.num_blocks)
+                SamBlock(layer=layers[i % len(layers)], dim=vision_dim)  # A2: [L0, L1, L0, L1]
+                for i in range(config.num_blocks)
             )
-        self.fusion = nn.ModuleList(
+        self.fusion = nn.ModuleList(  # the N VLF blocks
             VisionLanguageFusion(
                 hidden_dim=config.hidden_dim,
                 vision_dim=vision_dim,
@@ -521,24 +514,10 @@ class EscNet(SegmentationMethod):
             widths=config.decoder_dims,
             skip_widths=config.skip_dims,
         )
-        # The full pretrained SAM (image encoder included) serves only the training-free path. It
-        # is no submodule (not in ESC-Net's weights or optimiser) and is read from its checkpoint
-        # the first time that path runs, so a trained head never holds it. A dict, so that the
-        # shallow copies the demo makes share one loaded SAM.
-        self._loaded_sam: dict[str, SamBackbone] = {}
-
-    @classmethod
-    def from_settings(cls, config: EscNetConfig, backbone: ClipBackbone, head: bool) -> EscNet:
-        """The builder's factory (:mod:`ovseg.methods.builder`). Head weights hold every SAM part
-        ESC-Net uses, so with them SAM's architecture is enough; without a head the SAM parts
-        start from the checkpoint (or random ones: Table 2 b)."""
-        sam = load_sam(
-            config.sam,
-            config.sam_checkpoint,
-            pretrained=config.sam_pretrained and not head,
-            image_encoder=False,
+        # Read only by the training-free path, on first use; not a submodule.
+        self.training_free_sam = TrainingFreeSam(
+            config.sam, config.sam_checkpoint, pretrained=config.sam_pretrained
         )
-        return cls(config=config, backbone=backbone, sam=sam)
 
     def _uses_head(self) -> bool:
         return self.trained_head or self.training
@@ -552,22 +531,9 @@ class EscNet(SegmentationMethod):
             )
             return EscNetFeatures(clip=clip, sam_embeddings=None, head=True)
         clip = self.backbone.encode_image(normalised, dense_mode="maskclip")
-        sam = self._pretrained_sam(images.device)
+        sam = self.training_free_sam.on(images.device)
         sam_embeddings = None if sam is None else sam.encode_image(images)
         return EscNetFeatures(clip=clip, sam_embeddings=sam_embeddings, head=False)
-
-    @property
-    def training_free_sam(self) -> SamBackbone | None:
-        """The full pretrained SAM of the training-free path once loaded (None before)."""
-        return self._loaded_sam.get("sam")
-
-    def _pretrained_sam(self, device: torch.device) -> SamBackbone | None:
-        """The full pretrained SAM, loaded on first use; None with ``sam_pretrained=False``."""
-        if not self.config.sam_pretrained:
-            return None
-        if "sam" not in self._loaded_sam:
-            self._loaded_sam["sam"] = load_sam(self.config.sam, self.config.sam_checkpoint)
-        return self._loaded_sam["sam"].to(device)
 
     def segment(
         self,
@@ -586,28 +552,15 @@ class EscNet(SegmentationMethod):
         training-free path returns its own (:func:`sam_prompted_logits`).
         """
         self.check_options(options)
-        if not isinstance(image_features, EscNetFeatures):
-            raise ValueError("segment needs the EscNetFeatures that encode_image returns.")
-        if image_features.head != self._uses_head():
-            raise ValueError(
-                "These features were encoded for the "
-                f"{'head' if image_features.head else 'training-free path'}; re-encode the "
-                "image after changing trained_head or train()/eval()."
-            )
-        grid = tuple(image_features.clip.dense.shape[-2:])
-        if grid != (self.grid, self.grid):
-            raise ValueError(
-                f"ESC-Net was built for a {self.grid}×{self.grid} grid (input_size "
-                f"{self.config.input_size}); got features on a {grid[0]}×{grid[1]} grid."
-            )
+        self._check_features(image_features)
         text = self.backbone.encode_text(vocabulary, self.config.templates).mean  # F_l, K×D
         cost_volume = cosine_cost_volume(image_features.clip.dense, text)  # C_{v&l}, Eq. 1
         if image_features.head:
             return self._run_head(image_features.clip, text, cost_volume, return_intermediates)
         return sam_prompted_logits(
             cost_volume,
-            prompt_generator=self._ppg,
-            sam=self.training_free_sam,
+            prompt_generator=self.ppg,
+            sam=self.training_free_sam.loaded,
             sam_embeddings=image_features.sam_embeddings,
             stride=image_features.clip.stride,
             input_size=image_features.clip.input_size,
@@ -617,21 +570,38 @@ class EscNet(SegmentationMethod):
             return_intermediates=return_intermediates,
         )
 
-    def _run_head(
-        self, clip: DenseFeatures, text: Tensor, cost_volume: Tensor, return_intermediates: bool
-    ) -> SegmentationOutput:
-        """Fig. 2: N ESC blocks refine the cost volume; the decoder upsamples it (Sec. 3.6)."""
+    def _check_features(self, features: EscNetFeatures) -> None:
+        """The features must be :meth:`encode_image`'s in the current mode, on the grid the
+        prompts live on; the head's Swin windows must tile that grid (A18) unless
+        ``window_padding`` asks for padded windows."""
+        if not isinstance(features, EscNetFeatures):
+            raise ValueError("segment needs the EscNetFeatures that encode_image returns.")
+        if features.head != self._uses_head():
+            raise ValueError(
+                "These features were encoded for the "
+                f"{'head' if features.head else 'training-free path'}; re-encode the "
+                "image after changing trained_head or train()/eval()."
+            )
+        grid = tuple(features.clip.dense.shape[-2:])
+        if grid != (self.grid, self.grid):
+            raise ValueError(
+                f"ESC-Net was built for a {self.grid}×{self.grid} grid (input_size "
+                f"{self.config.input_size}); got features on a {grid[0]}×{grid[1]} grid."
+            )
         window = self.config.window_size
-        if self.grid > window and self.grid % window and not self.config.window_padding:
+        partial_windows = self.grid > window and self.grid % window
+        if features.head and partial_windows and not self.config.window_padding:
             raise OptionError(
                 f"window_size {window} does not divide ESC-Net's {self.grid}×{self.grid} patch "
                 f"grid (input_size {self.config.input_size}), so the Swin windows would be "
                 "padded. Use a window that divides the grid, an input_size whose grid it "
                 "divides, or window_padding=True to pad on purpose."
             )
-        missing = [i for i in self.skip_layers if f"layer{i}" not in clip.intermediates]
-        if missing:
-            raise ValueError(f"The CLIP features lack the skip layers {missing}.")
+
+    def _run_head(
+        self, clip: DenseFeatures, text: Tensor, cost_volume: Tensor, return_intermediates: bool
+    ) -> SegmentationOutput:
+        """Fig. 2: N ESC blocks refine the cost volume; the decoder upsamples it (Sec. 3.6)."""
         vision_features = self.image_projection(clip.dense)  # F_v at SAM's width (A4)
         skips = self.decoder.skip_features(
             [clip.intermediates[f"layer{i}"] for i in self.skip_layers]
@@ -669,12 +639,12 @@ class EscNet(SegmentationMethod):
         text: Tensor,
         text_tokens: Tensor | None,
     ) -> EscBlockOutput:
-        """ESC block ``index`` (Fig. 2): PPG → SAM prompt encoder → SAM block (Eq. 2) → VLF.
+        """ESC block ``i = index + 1`` (Fig. 2): PPG → SAM prompt encoder → SAM block → VLF.
 
         Arguments:
             index: the block, 0 … N−1.
             vision_features: ``B×C_s×h×w`` ``F_v``, the vision features the SAM block refines.
-            activation_map: ``B×K×h×w`` ``S_{k-1}`` (``S_0``: the cost volume, Eq. 1).
+            activation_map: ``B×K×h×w`` ``S_{i-1}`` (``S_0``: the cost volume, Eq. 1).
             correlation: ``B×K×D_h×h×w`` the previous block's ``C'_{v&l}`` (None in block 1).
             text: ``K×D`` class embeddings ``F_l``.
             text_tokens: ``K×C_s`` projected text tokens ``T_l`` (A3; None without SAM).
@@ -689,7 +659,7 @@ class EscNet(SegmentationMethod):
             refined_sum = vision_features.new_zeros(batch, height * width, dim)
             for chunk in chunks:
                 # Sec. 3.3: pseudo points and masks, from a map no gradient flows back through.
-                chunk_prompts = self._ppg(activation_map[:, chunk].detach().flatten(0, 1))
+                chunk_prompts = self.ppg(activation_map[:, chunk].detach().flatten(0, 1))
                 prompts.append(chunk_prompts)
                 sparse, dense = self.prompt_encoding(  # P_sparse^n, P_dense^n
                     chunk_prompts.points, chunk_prompts.boxes, chunk_prompts.regions
@@ -701,13 +671,13 @@ class EscNet(SegmentationMethod):
             refined_mean = (refined_sum / classes).transpose(1, 2).reshape(vision_features.shape)
             vision_features = sam_block.fuse_classes(vision_features, refined_mean)  # F'_v, Eq. 2
         # Sec. 3.5: the VLF refines every class's correlation, guided by F'_v and the class texts.
-        fusion = self.fusion[index]
-        guidance = fusion.guidance_map(vision_features)
-        text_keys = fusion.text(text)
+        vlf = self.fusion[index]
+        guidance = vlf.guidance_map(vision_features)
+        text_keys = vlf.text(text)
         correlations, activation_maps = [], []
         for chunk in chunks:
             previous = None if correlation is None else correlation[:, chunk].flatten(0, 1)
-            refined, next_map = fusion(
+            refined, next_map = vlf(
                 activation_map[:, chunk].flatten(0, 1), previous, guidance, text_keys
             )
             correlations.append(refined.view(batch, -1, *refined.shape[1:]))
@@ -715,18 +685,8 @@ class EscNet(SegmentationMethod):
         return EscBlockOutput(
             vision_features=vision_features,
             correlation=torch.cat(correlations, dim=1),  # C'_{v&l}
-            activation_map=torch.cat(activation_maps, dim=1),  # S_k (A11)
+            activation_map=torch.cat(activation_maps, dim=1),  # S_i (A11)
             pseudo_prompts=prompts,
-        )
-
-    def _ppg(self, maps: Tensor) -> PseudoPrompts:
-        config = self.config
-        return pseudo_prompts(
-            maps,
-            num_objects=config.num_objects,
-            tau=config.ppg_tau,
-            alpha=config.ppg_alpha,
-            iterations=config.kmeans_iterations,
         )
 
     # ---------------------------------------------------------------- loss and optimiser
@@ -769,6 +729,15 @@ def _parameter_group(name: str, parameter: nn.Parameter) -> str:
     return "esc-net"
 
 
+def _build(config: EscNetConfig, clip: ClipBackbone, head: bool) -> EscNet:
+    """The builder's factory: head weights hold every SAM part ESC-Net uses, so with them SAM's
+    architecture is enough; without a head the SAM parts start from the checkpoint (or random
+    ones: Table 2 b)."""
+    pretrained = config.sam_pretrained and not head
+    sam = load_sam(config.sam, config.sam_checkpoint, pretrained=pretrained, image_encoder=False)
+    return EscNet(config=config, backbone=clip, sam=sam)
+
+
 build_esc_net = register_method("esc-net")(
-    method_builder(EscNet, shipped=SHIPPED_WEIGHTS, factory=EscNet.from_settings)
+    method_builder(EscNet, shipped=SHIPPED_WEIGHTS, factory=_build)
 )

@@ -8,7 +8,7 @@ The file follows Section 3 of the paper (spec: ``specs/ldvc.md``):
 2. **Text adapter** (Eq. 3, :class:`TextAdapter`): ``T_new = Proj([T ⊙ V_g; T])``.
 3. **Local Consensus Transformer Decoder** (LCTD, Eqs. 4–7, :class:`LocalConsensusBlock`) on the
    image tokens, with local consensus self-attention (LCSA, Eqs. 8–12, :class:`RouteAttention`).
-   The class embeddings are fixed anchors: the same ``T_new`` feeds every block and Eq. 13.
+   T_new is never updated: the same ``T_new`` feeds every block and Eq. 13.
 4. **Score map** (Eq. 13): ``S = T_new · V_oᵀ``, trained with ZegCLIP's sigmoid focal + dice loss
    (weights 100 and 1).
 
@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ovseg.backbones
 from ovseg.backbones import ClipBackbone, DenseFeatures
 from ovseg.backbones.clip import run_block, tokens_to_map
 from ovseg.caching import LruCache
@@ -61,7 +60,7 @@ from ovseg.methods.base import (
     SegmentationOutput,
     VocabularyLike,
 )
-from ovseg.methods.builder import method_builder, register_method
+from ovseg.methods.builder import method_builder, register_method, require_vit
 from ovseg.methods.chunking import class_slices, upsample_logits
 from ovseg.methods.losses import focal_dice_loss
 from ovseg.vocabulary import class_synonyms
@@ -77,78 +76,41 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class LdvcConfig(MethodConfig):
-    """LDVC settings (beyond :class:`MethodConfig`). Defaults are the paper's COCO-Stuff model.
+    """LDVC settings (beyond :class:`MethodConfig`). Defaults are the paper's COCO-Stuff model."""
 
-    Attributes:
-        image_normalisation: ``"clip"`` (CLIP's mean/std) or ``"imagenet"`` (ZegCLIP's configs).
-        visual_prompt_tokens: K_v per layer (100 COCO-Stuff, 40 VOC; 0: no visual prompts).
-        visual_prompt_depth: layers that get fresh visual prompts (None: all); later layers pass
-            the previous prompt outputs through (VPT-deep with a shorter depth).
-        prompt_projection: ZegCLIP's trainable Linear on the visual prompts and LayerNorm on the
-            final hidden states before CLIP's ``ln_post``.
-        prompt_dropout: dropout on the projected visual prompts.
-        drop_path: stochastic depth of the frozen ViT's residual branches in training.
-        text_prompt_tokens: K_t per layer (0: the class name follows ``text_prompt_template`` as
-            ordinary tokens, the "frozen" regime).
-        text_prompt_depth: layers that get fresh text prompts (None: all; 0: as K_t = 0).
-        text_prompt_init: ``"pretrain"`` (hidden states of ``text_prompt_template``) or
-            ``"random"`` (Gaussian, std 0.02; Table 6).
-        text_prompt_template: the phrase whose hidden states initialise the text prompts; with
-            fewer BPE tokens than K_t the first slots are random.
-        text_adapter: condition class embeddings on the image (Eq. 3); False uses T as T_new.
-        decoder_blocks, heads, mlp_ratio: LCTD blocks, attention heads, MLP width ratio.
-        dropout: dropout of the decoder (see the module docstring).
-        inter_layers: 0-based ViT layers feeding the blocks, one per block (None: a third of the
-            depth apart, ending at the last layer: (7, 11) of 12).
-        route_attention: LCSA (True) or plain global self-attention ("w/o LCSA", Table 4).
-        window_size: n, the side of an LCSA window in tokens.
-        top_m: m, routed windows per query window (clamped to the number of windows).
-        final_norm: LayerNorm on V_o before Eq. 13 (a fallback; off in the paper).
-        cosine_logits: cosine similarity times a learnable scale in Eq. 13 (a fallback).
-        focal_weight, dice_weight, focal_alpha, focal_gamma: the loss (§4.2: 100, 1, 0.25, 2).
-        ignore_as_negative: ignored pixels are negatives of every class in the focal term
-            (ZegCLIP); False leaves them out.
-        self_training: transductive training with pseudo-labels for ``unseen_classes``.
-        unseen_classes: unseen class names (used only with ``self_training``).
-        pseudo_label_threshold: minimum unseen-class probability of a pseudo-labelled pixel.
-        seen_prob_offset: subtracted from the sigmoid probabilities of the ``seen_classes``
-            segment option at inference (ZegCLIP's calibration; 0.1 for benchmarks).
-        weight_decay: AdamW weight decay of prompts, Linear and Conv weights (norms get none).
-    """
-
-    input_size: int = 512
+    input_size: int = 512  # must give a token grid of whole LCSA windows
     templates: str | tuple[str, ...] = "single"
-    image_normalisation: str = "clip"
-    visual_prompt_tokens: int = 100
-    visual_prompt_depth: int | None = None
-    prompt_projection: bool = True
-    prompt_dropout: float = 0.1
-    drop_path: float = 0.1
-    text_prompt_tokens: int = 6
-    text_prompt_depth: int | None = None
-    text_prompt_init: str = "pretrain"
-    text_prompt_template: str = "this is a photo of a"
-    text_adapter: bool = True
-    decoder_blocks: int = 2
+    image_normalisation: str = "clip"  # CLIP's mean/std, or "imagenet" (ZegCLIP's configs)
+    visual_prompt_tokens: int = 100  # K_v per layer (40 for VOC; 0: no visual prompts)
+    visual_prompt_depth: int | None = None  # layers with fresh prompts (None: all; VPT-deep)
+    prompt_projection: bool = True  # ZegCLIP's Linear on the prompts, LayerNorm before ln_post
+    prompt_dropout: float = 0.1  # on the projected visual prompts
+    drop_path: float = 0.1  # stochastic depth of the frozen ViT in training
+    text_prompt_tokens: int = 6  # K_t per layer (0: the template as plain text, "frozen")
+    text_prompt_depth: int | None = None  # layers with fresh text prompts (None: all; 0: K_t = 0)
+    text_prompt_init: str = "pretrain"  # template hidden states, or "random" (std 0.02; Table 6)
+    text_prompt_template: str = "this is a photo of a"  # shorter than K_t: first slots random
+    text_adapter: bool = True  # Eq. 3; False uses T as T_new
+    decoder_blocks: int = 2  # LCTD blocks
     heads: int = 8
     mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    inter_layers: tuple[int, ...] | None = None
-    route_attention: bool = True
-    window_size: int = 4
-    top_m: int = 16
-    final_norm: bool = False
-    cosine_logits: bool = False
-    focal_weight: float = 100.0
+    dropout: float = 0.1  # of the decoder (see the module docstring)
+    inter_layers: tuple[int, ...] | None = None  # ViT layer per block (None: (7, 11) of 12)
+    route_attention: bool = True  # LCSA, or global self-attention ("w/o LCSA", Table 4)
+    window_size: int = 4  # n, the side of an LCSA window in tokens
+    top_m: int = 16  # m, routed windows per query window (clamped to the number of windows)
+    final_norm: bool = False  # LayerNorm on V_o before Eq. 13 (a fallback; off in the paper)
+    cosine_logits: bool = False  # cosine times a learnable scale in Eq. 13 (a fallback)
+    focal_weight: float = 100.0  # the loss (§4.2)
     dice_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    ignore_as_negative: bool = True
-    self_training: bool = False
+    ignore_as_negative: bool = True  # ignored pixels are focal negatives of every class (ZegCLIP)
+    self_training: bool = False  # transductive, pseudo-labelling the unseen_classes
     unseen_classes: tuple[str, ...] = ()
-    pseudo_label_threshold: float = 0.5
-    seen_prob_offset: float = 0.0
-    weight_decay: float = 0.01
+    pseudo_label_threshold: float = 0.5  # least unseen-class probability of a pseudo-label
+    seen_prob_offset: float = 0.0  # ZegCLIP's seen-class calibration (0.1 for benchmarks)
+    weight_decay: float = 0.01  # of prompts, Linear and Conv weights (not norms, biases)
 
     tuple_fields: ClassVar[tuple[str, ...]] = ("inter_layers", "unseen_classes")
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {
@@ -353,8 +315,8 @@ class TextAdapter(nn.Module):
     def forward(self, class_embeddings: Tensor, global_embedding: Tensor) -> Tensor:
         """T ``K×D`` and V_g ``B×D`` → T_new ``B×K×D``."""
         classes = class_embeddings[None].expand(global_embedding.shape[0], -1, -1)
-        conditioned = classes * global_embedding[:, None]
-        return self.projection(torch.cat([conditioned, classes], dim=-1))
+        modulated = classes * global_embedding[:, None]
+        return self.projection(torch.cat([modulated, classes], dim=-1))
 
 
 # -------------------------------------------- local consensus transformer decoder (§3.4, Eqs. 4–12)
@@ -374,16 +336,6 @@ class Routing:
     indices: Tensor
     affinity: Tensor
     grid: tuple[int, int]
-
-    def routed_windows(self, window: int | tuple[int, int]) -> Tensor:
-        """The ids of Eq. 10 for one query window, as ``B×m×2`` (row, column) on the window
-        grid; ``window`` is a row-major window index or its (row, column) on :attr:`grid`."""
-        rows, cols = self.grid
-        row, col = divmod(window, cols) if isinstance(window, int) else window
-        if not (0 <= row < rows and 0 <= col < cols):
-            raise ValueError(f"Window {window} is outside the {rows}×{cols} window grid.")
-        chosen = self.indices[:, row * cols + col]
-        return torch.stack([chosen // cols, chosen % cols], dim=-1)
 
 
 class RouteAttention(nn.Module):
@@ -454,7 +406,7 @@ class RouteAttention(nn.Module):
 
 
 class LocalConsensusBlock(nn.Module):
-    """One pre-norm LCTD block (Eqs. 4–7) on image tokens, guided by fixed class anchors.
+    """One pre-norm LCTD block (Eqs. 4–7) on image tokens, guided by the fixed T_new.
 
     ``V = V_in + Conv1×1(V_j)``; ``V += LCSA(LN₁ V)``; ``V += CA(LN₂ V, LN₃ T_new)`` with the image
     tokens as queries and the class embeddings as keys and values; ``V += MLP(LN₄ V)``.
@@ -497,7 +449,7 @@ class LocalConsensusBlock(nn.Module):
         self,
         tokens: Tensor,
         clip_features: Tensor,
-        anchors: Tensor,
+        conditioned_class_embeddings: Tensor,
         *,
         top_m: int | None = None,
         return_attention: bool = False,
@@ -506,7 +458,7 @@ class LocalConsensusBlock(nn.Module):
         Arguments:
             tokens: V_in ``B×h×w×D``.
             clip_features: V_j ``B×C×h×w``, this block's intermediate CLIP tokens.
-            anchors: T_new ``B×K×D`` (read, never updated).
+            conditioned_class_embeddings: T_new ``B×K×D`` (read, never updated).
             top_m: override of m for this call.
             return_attention: also return the cross-attention ``B×heads×(h·w)×K``.
 
@@ -518,7 +470,7 @@ class LocalConsensusBlock(nn.Module):
         consensus, routing = self.self_attention(self.norm1(tokens), top_m=top_m)
         tokens = tokens + self.dropout(consensus)  # Eq. 5
         queries = self.norm2(tokens).flatten(1, 2)
-        keys = self.norm3(anchors)
+        keys = self.norm3(conditioned_class_embeddings)
         guided = self.cross_attention(queries, keys, return_attention=return_attention)
         attention = None
         if return_attention:
@@ -552,35 +504,24 @@ class Ldvc(SegmentationMethod):
             backbone: a ViT CLIP. All its parameters are frozen (``requires_grad=False``).
         """
         super().__init__()
-        if backbone.kind != "vit":
-            raise ValueError(
-                f"LDVC prompts every layer of a ViT CLIP; {backbone.name} has a "
-                f"{backbone.kind} image tower."
-            )
-        tokens_per_side = config.input_size // backbone.stride
-        if config.input_size % backbone.stride or tokens_per_side % config.window_size:
+        if require_vit(backbone, config.input_size, method="LDVC") % config.window_size:
             raise ValueError(
                 f"input_size {config.input_size} must be a multiple of the patch size "
                 f"{backbone.stride} times window_size {config.window_size}."
             )
+        layers, blocks = backbone.num_layers, config.decoder_blocks
+        inter_layers = config.inter_layers or _default_inter_layers(layers, blocks)
+        if len(inter_layers) != blocks or not all(0 <= i < layers for i in inter_layers):
+            raise ValueError(
+                f"inter_layers {inter_layers} must name one of the {layers} ViT layers per "
+                f"decoder block ({blocks})."
+            )
         self.config = config
         self.backbone = backbone
+        self.inter_layers = inter_layers
         for parameter in backbone.parameters():
             parameter.requires_grad_(False)
         dim = backbone.embed_dim
-        self.inter_layers = config.inter_layers or _default_inter_layers(
-            backbone.num_layers, config.decoder_blocks
-        )
-        if len(self.inter_layers) != config.decoder_blocks:
-            raise ValueError(
-                f"inter_layers {self.inter_layers} must name one ViT layer per decoder block "
-                f"({config.decoder_blocks})."
-            )
-        for layer in self.inter_layers:
-            if not 0 <= layer < backbone.num_layers:
-                raise ValueError(f"inter_layers: {layer} is not a layer of {backbone.num_layers}.")
-        if dim % config.heads:
-            raise ValueError(f"The decoder width {dim} is not divisible by heads {config.heads}.")
         self.image_encoder = PromptedImageEncoder(
             backbone=backbone,
             tokens=config.visual_prompt_tokens,
@@ -615,9 +556,8 @@ class Ldvc(SegmentationMethod):
             nn.Parameter(torch.tensor(math.log(10.0))) if config.cosine_logits else None
         )
         self._init_head()
-        if config.image_normalisation == "imagenet":
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if config.image_normalisation == "clip":
             mean, std = (
                 backbone.image_mean.flatten().tolist(),
                 backbone.image_std.flatten().tolist(),
@@ -653,31 +593,27 @@ class Ldvc(SegmentationMethod):
         L2-normalised. Without a gradient into the prompts, vocabularies and single names are
         cached by the prompts' version, so a vocabulary edit encodes only its new names."""
         classes = class_synonyms(vocabulary)
-        prompts = self.text_encoder.prompts
-        needs_grad = torch.is_grad_enabled() and prompts.requires_grad and prompts.numel() > 0
-        version = (prompts._version, prompts.data_ptr(), prompts.device, prompts.dtype)
-        key = (classes, *version)
-        if not needs_grad and key in self._text_cache:
-            return self._text_cache.get(key)
         names = [name for synonyms in classes for name in synonyms]
-        owners = torch.tensor(
-            [index for index, synonyms in enumerate(classes) for _ in synonyms],
-            device=prompts.device,
-        )
-        with torch.set_grad_enabled(needs_grad):
-            if needs_grad:
-                embeddings = self.text_encoder(names, self.backbone)
-            else:
+        prompts = self.text_encoder.prompts
+        cached = not (torch.is_grad_enabled() and prompts.requires_grad and prompts.numel() > 0)
+        version = (prompts._version, prompts.data_ptr(), prompts.device, prompts.dtype)
+        if cached and (classes, *version) in self._text_cache:
+            return self._text_cache.get((classes, *version))
+        with torch.set_grad_enabled(not cached):
+            if cached:
                 rows = self._name_cache.rows(
                     [(name, *version) for name in names],
-                    lambda missing: self.text_encoder([k[0] for k in missing], self.backbone),
+                    lambda missing: self.text_encoder([key[0] for key in missing], self.backbone),
                 )
                 embeddings = torch.stack(rows)
-            summed = embeddings.new_zeros(len(classes), embeddings.shape[-1])
-            text = F.normalize(summed.index_add(0, owners, embeddings), dim=-1)
-        if not needs_grad:
-            self._text_cache.put(key, text)
-        return text
+            else:
+                embeddings = self.text_encoder(names, self.backbone)
+            owners = [index for index, synonyms in enumerate(classes) for _ in synonyms]
+            summed = embeddings.new_zeros(len(classes), embeddings.shape[-1]).index_add(
+                0, torch.tensor(owners, device=embeddings.device), embeddings
+            )
+            text = F.normalize(summed, dim=-1)
+        return self._text_cache.put((classes, *version), text) if cached else text
 
     # --------------------------------------------------------------------- forward pass (Eqs. 3–13)
     def segment(
@@ -710,26 +646,24 @@ class Ldvc(SegmentationMethod):
         self.check_options(options, SEGMENT_OPTIONS)
         if not (self.trained_head or self.training):
             raise UntrainedHeadError(
-                "LDVC has no training-free path and this model has no trained head weights "
-                f"(the shipped {ovseg.backbones.ASSETS_DIR / SHIPPED_WEIGHTS}, if present, fits "
-                "only the shipped toy CLIP, not a random or other one). Train one with "
-                "`python training/train.py --config training/configs/ldvc-toy.json`, then load it "
-                "with ovseg.load('ldvc', weights=...)."
+                f"LDVC has no training-free path and no trained head weights here ("
+                f"{SHIPPED_WEIGHTS} fits only the shipped toy CLIP); train them with "
+                "training/configs/ldvc-toy.json."
             )
         classes = class_synonyms(vocabulary)
         # Transductive self-training scores the unseen names too, after the vocabulary's classes.
         unseen_names: tuple[str, ...] = ()
         if self.training and self.config.self_training:
-            vocabulary_names = {name for synonyms in classes for name in synonyms}
-            unseen_names = tuple(
-                name for name in self.config.unseen_classes if name not in vocabulary_names
-            )
+            known = {name for synonyms in classes for name in synonyms}
+            unseen_names = tuple(n for n in self.config.unseen_classes if n not in known)
         class_embeddings = self.encode_classes(classes + tuple((name,) for name in unseen_names))
         global_embedding = image_features.global_embedding
-        if self.text_adapter is not None:
-            anchors = self.text_adapter(class_embeddings, global_embedding)  # Eq. 3: T_new
+        if self.text_adapter is not None:  # Eq. 3
+            conditioned_class_embeddings = self.text_adapter(class_embeddings, global_embedding)
         else:
-            anchors = class_embeddings[None].expand(global_embedding.shape[0], -1, -1)
+            conditioned_class_embeddings = class_embeddings[None].expand(
+                global_embedding.shape[0], -1, -1
+            )
 
         tokens = image_features.dense.permute(0, 2, 3, 1)  # V_l, B×h×w×D
         routings, attentions = [], []
@@ -737,7 +671,7 @@ class Ldvc(SegmentationMethod):
             tokens, routing, attention = block(
                 tokens,
                 image_features.intermediates[f"layer{layer}"],
-                anchors,
+                conditioned_class_embeddings,
                 top_m=options.get("top_m"),
                 return_attention=return_intermediates,
             )
@@ -746,26 +680,25 @@ class Ldvc(SegmentationMethod):
         decoded = tokens if self.final_norm is None else self.final_norm(tokens)  # V_o
         if self.logit_scale is not None:
             scores = torch.einsum(
-                "bkd,bhwd->bkhw", F.normalize(anchors, dim=-1), F.normalize(decoded, dim=-1)
+                "bkd,bhwd->bkhw",
+                F.normalize(conditioned_class_embeddings, dim=-1),
+                F.normalize(decoded, dim=-1),
             )
             scores = scores * self.logit_scale.exp()
         else:
-            scores = torch.einsum("bkd,bhwd->bkhw", anchors, decoded)  # Eq. 13: S = T_new V_oᵀ
+            # Eq. 13: S = T_new V_oᵀ
+            scores = torch.einsum("bkd,bhwd->bkhw", conditioned_class_embeddings, decoded)
         logits = upsample_logits(scores[:, : len(classes)], image_features.input_size)
         offset = options.get("seen_prob_offset", self.config.seen_prob_offset)
-        seen = options.get("seen_classes")
-        if offset and seen:
-            seen_names = set(seen)
-            is_seen = torch.tensor(
-                [any(name in seen_names for name in synonyms) for synonyms in classes],
-                device=logits.device,
-            )
-            logits = logits.sigmoid() - offset * is_seen.to(logits.dtype)[None, :, None, None]
+        if offset and options.get("seen_classes"):  # ZegCLIP: lower the seen probabilities
+            seen = set(options["seen_classes"])
+            is_seen = [any(name in seen for name in synonyms) for synonyms in classes]
+            logits = logits.sigmoid() - offset * logits.new_tensor(is_seen)[:, None, None]
         intermediates = {}
         if return_intermediates:
             intermediates = {
                 "class_embeddings": class_embeddings,
-                "conditioned_class_embeddings": anchors,
+                "conditioned_class_embeddings": conditioned_class_embeddings,
                 "visual_features": image_features.dense,
                 "decoded_features": decoded.permute(0, 3, 1, 2),
                 "score_map": scores,
@@ -815,19 +748,14 @@ class Ldvc(SegmentationMethod):
             "text_encoder.": "text_prompts",
             "text_adapter.": "text_adapter",
         }
-
-        def group_of(name: str, parameter: nn.Parameter) -> str:
-            part = next((g for prefix, g in parts.items() if name.startswith(prefix)), "decoder")
-            decays = name.endswith("prompts") or (name.endswith(".weight") and parameter.ndim > 1)
-            return part if decays else f"{part}_no_decay"
-
-        names = [part + kind for part in (*parts.values(), "decoder") for kind in ("", "_no_decay")]
-        decay = self.config.weight_decay
         return optimiser.parameter_groups(
             self,
-            group_of,
-            lr=dict.fromkeys(names, base_lr),
-            weight_decay={name: 0.0 if name.endswith("_no_decay") else decay for name in names},
+            lambda name, _: next((g for p, g in parts.items() if name.startswith(p)), "decoder"),
+            lr=dict.fromkeys((*parts.values(), "decoder"), base_lr),
+            weight_decay=self.config.weight_decay,
+            no_decay=lambda name, parameter: (
+                not (name.endswith("prompts") or (name.endswith(".weight") and parameter.ndim > 1))
+            ),
         )
 
 

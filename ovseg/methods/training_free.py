@@ -15,11 +15,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovseg.backbones import SamBackbone
+from ovseg.backbones.sam import load_sam
 from ovseg.methods.base import SegmentationOutput
 from ovseg.methods.chunking import class_slices, upsample_logits
 
 if TYPE_CHECKING:
     from ovseg.methods.esc_net import PseudoPrompts
+
+
+class TrainingFreeSam:
+    """The full pretrained SAM (image encoder included) of ESC-Net's training-free path, read
+    from its checkpoint the first time that path runs: it is no submodule of the method (not in
+    its weights or optimiser), so a trained head never holds it, and the shallow copies the demo
+    makes of the method share one loaded SAM.
+
+    Attributes:
+        loaded: the SAM once loaded (None before, and always with ``pretrained=False``).
+    """
+
+    def __init__(self, name: str, checkpoint: str | None, *, pretrained: bool) -> None:
+        """``name`` and ``checkpoint`` as for :func:`load_sam`; ``pretrained=False`` (Table 2 b)
+        leaves the path without a SAM."""
+        self.name, self.checkpoint, self.pretrained = name, checkpoint, pretrained
+        self.loaded: SamBackbone | None = None
+
+    def on(self, device: torch.device) -> SamBackbone | None:
+        """The SAM on ``device``, loaded on first use; None without a pretrained one."""
+        if not self.pretrained:
+            return None
+        if self.loaded is None:
+            self.loaded = load_sam(self.name, self.checkpoint)
+        return self.loaded.to(device)
 
 
 @torch.no_grad()

@@ -69,6 +69,7 @@ __all__ = [
     "add_prompt_noise",
     "is_black_image",
     "make_generator",
+    "prompt_defaults",
 ]
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -82,6 +83,10 @@ SD_ALIASES: dict[str, str] = {
 }
 BLACK_LEVEL = 2  # a safety-filtered image is all zeros; allow for rounding in the conversion
 MEMORY_CACHE_ENTRIES = 50_000
+# ToyWorld sprites ignore the template text, so a few distinct images per class are enough, and
+# they are drawn small.
+TOY_PROMPTS_PER_CLASS = 16
+TOY_PROMPT_RESOLUTION = 128
 
 # The encoder a bank uses: ``N×3×S×S`` images in [0, 1] → (``N×D`` embeddings, ``N×D_j`` pooled
 # stage features for each stage j).
@@ -568,6 +573,48 @@ def make_generator(
     if noise > 0:
         generator = NoisyPromptGenerator(generator, noise=noise)
     return generator
+
+
+def prompt_defaults(
+    generator: str,
+    prompts_per_class: int | None,
+    resolution: int | None,
+    *,
+    toy: bool,
+    templates: int,
+    input_size: int,
+) -> dict[str, Any]:
+    """A method's visual-prompt settings with "auto" and None resolved, as config fields.
+
+    Arguments:
+        generator: "auto" (ToyWorld sprites, "toyworld", for a toy CLIP, else "sd15") or any
+            name :func:`make_generator` takes.
+        prompts_per_class: G distinct images per class; None: one per template, or at most
+            :data:`TOY_PROMPTS_PER_CLASS` for ToyWorld sprites.
+        resolution: side of the images; None: ``input_size``, or :data:`TOY_PROMPT_RESOLUTION`
+            for ToyWorld sprites.
+        toy: whether the CLIP is one of ovseg's toy CLIPs.
+        templates: M, the number of text templates.
+
+    Raises:
+        ValueError: ``prompts_per_class`` is not between 1 and ``templates``.
+    """
+    if generator == "auto":
+        generator = "toyworld" if toy else "sd15"
+    sprites = generator == "toyworld"
+    prompts_per_class = prompts_per_class or (
+        min(TOY_PROMPTS_PER_CLASS, templates) if sprites else templates
+    )
+    if not 1 <= prompts_per_class <= templates:
+        raise ValueError(
+            f"prompts_per_class must be between 1 and the {templates} templates; "
+            f"got {prompts_per_class}."
+        )
+    return {
+        "prompt_generator": generator,
+        "prompts_per_class": prompts_per_class,
+        "prompt_resolution": resolution or (TOY_PROMPT_RESOLUTION if sprites else input_size),
+    }
 
 
 def _normalise_name(name: str) -> str:
