@@ -5,10 +5,11 @@ from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ovseg.methods.base import IGNORE_INDEX, MethodConfig
-from ovseg.methods.losses import one_hot_bce, one_hot_targets
+from ovseg.methods.losses import binary_cross_entropy_with_logits, one_hot_bce, one_hot_targets
 from ovseg.methods.optimiser import parameter_groups
 
 
@@ -145,3 +146,20 @@ def test_config_checks_report_every_problem_at_once():
         assert clause in message
     with pytest.raises(ValueError, match="blocks must be at least 1"):
         _Config().replace(blocks=0)
+
+
+def test_the_fast_binary_cross_entropy_matches_pytorchs_values_and_gradients():
+    generator = torch.Generator().manual_seed(0)
+    logits = (6 * torch.randn(3, 4, 33, 17, generator=generator)).requires_grad_()
+    targets = (torch.rand(3, 4, 33, 17, generator=generator) < 0.3).float()
+    expected = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), logits)
+    fast = binary_cross_entropy_with_logits(logits, targets)
+    (fast_grad,) = torch.autograd.grad(fast.square().sum(), logits)
+    torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_grad, expected_grad, rtol=1e-5, atol=1e-6)
+    soft = torch.rand(2, 3, generator=generator).requires_grad_()  # soft targets get a gradient
+    x = torch.randn(2, 3, generator=generator)
+    (grad_targets,) = torch.autograd.grad(binary_cross_entropy_with_logits(x, soft).sum(), soft)
+    torch.testing.assert_close(grad_targets, -x)
+    assert binary_cross_entropy_with_logits(x.bfloat16(), soft.bfloat16()).dtype == torch.float32

@@ -327,8 +327,9 @@ def test_the_accelerator_command_trains_a_head_into_one_folder(tmp_path):
     run(
         sys.executable, "training/accelerator.py", "ldvc", "--minutes", "5", "--steps", "2",
         "--out", str(out), "--device", "cpu", "--threads", "1",
-        "--set", "batch_size=2", "--set", "classes_per_step=4", "--set", "method_config.input_size=64",
-        "--set", "dataset.image_size=64", "--set", "eval_images=2", "--set", 'eval_sets=["toy-seen"]',
+        "--set", "batch_size=2", "--set", "classes_per_step=4",
+        "--set", "method_config.input_size=64", "--set", "dataset.image_size=64",
+        "--set", "eval_images=2", "--set", 'eval_sets=["toy-seen"]',
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["returncode"] == 0 and summary["steps"] == 2

@@ -146,7 +146,9 @@ def evaluate(
     pixels = torch.stack(image_embeddings).permute(0, 3, 1, 2).float() / 255.0
     embeddings = torch.cat(
         [
-            backbone.encode_image(backbone.normalize(chunk.to(device))).global_embedding.float().cpu()
+            backbone.encode_image(backbone.normalize(chunk.to(device)))
+            .global_embedding.float()
+            .cpu()
             for chunk in pixels.split(256)
         ]
     )
