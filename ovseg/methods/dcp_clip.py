@@ -53,6 +53,7 @@ from ovseg.methods.chunking import (
     scatter_class_subsets,
     upsample_logits,
 )
+from ovseg.methods.losses import binary_cross_entropy_with_logits
 from ovseg.prompts.templates import resolve_templates
 from ovseg.vocabulary import class_synonyms, seen_class_mask
 
@@ -923,9 +924,7 @@ class DcpClip(SegmentationMethod):
         positives = target[:, None] == output.selected_classes[..., None, None]  # B×S×H×W
         counted = (target != IGNORE_INDEX)[:, None] & output.class_mask[..., None, None]
         counted = counted.to(logits.dtype)
-        losses = F.binary_cross_entropy_with_logits(
-            logits, positives.to(logits.dtype), reduction="none"
-        )
+        losses = binary_cross_entropy_with_logits(logits, positives.to(logits.dtype))
         per_image = (losses * counted).sum(dim=(1, 2, 3)) / counted.sum(dim=(1, 2, 3)).clamp_min(1)
         return {"loss_bce": per_image.mean()}
 
