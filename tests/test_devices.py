@@ -38,3 +38,17 @@ def test_mixed_precision_is_bf16_on_cuda_and_off_on_the_cpu():
     assert isinstance(forced, torch.autocast) and forced.fast_dtype == torch.bfloat16
     with pytest.raises(OvsegError, match="precision must be one of"):
         autocast("fp8", cpu)
+
+
+def test_training_processes_keep_freed_memory_on_glibc(tmp_path):
+    """The allocator setting the training scripts make; run in a child so pytest keeps its own."""
+    import platform
+    import subprocess
+    import sys
+
+    code = "from ovseg.devices import keep_freed_memory; print(keep_freed_memory())"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert result.stdout.strip() == str(expected)

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone, load_clip
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, ToyWorld
-from ovseg.devices import autocast, resolve_device
+from ovseg.devices import autocast, keep_freed_memory, resolve_device
 
 CAPTION_TEMPLATES = (
     "a photo of a {}.",
@@ -342,6 +342,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    keep_freed_memory()
     config_name = TOY_CLIPS[args.model][0]
     backbone = load_backbone(args.model, "random")
     backbone.train()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ovseg.backbones import build_sam
 from ovseg.backbones.sam import SamBackbone
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, Scene, ToyWorld
-from ovseg.devices import autocast, resolve_device
+from ovseg.devices import autocast, keep_freed_memory, resolve_device
 
 EVAL_SEED = TRAIN_SEED_LIMIT + 8_000_000
 MIN_SEGMENT_PIXELS = 48
@@ -252,6 +252,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    keep_freed_memory()
     sam = build_sam(args.config, args.init) if args.init else build_sam(args.config)
     sam.to(device).train()
     if args.train_parts == "iou-head":

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import ovseg
 from ovseg.data.datasets import DATASETS, build_training_data
 from ovseg.data.toyworld import ToyWorld, ToyWorldDataset
-from ovseg.devices import DEVICES, autocast, resolve_device
+from ovseg.devices import DEVICES, autocast, keep_freed_memory, resolve_device
 from ovseg.eval.evaluate import evaluate_toyworld, markdown_table, toyworld_vocabulary
 from ovseg.methods.base import IGNORE_INDEX
 from ovseg.methods.weights import save_weights
@@ -230,6 +230,7 @@ def save_training_state(
 
 def train(config: TrainConfig) -> dict[str, Any]:
     rank, world_size, device = setup_distributed(config.device)
+    keep_freed_memory()
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed + rank)
