@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
@@ -155,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             parser.error("--set is for heads; pass a pretraining script's options after --")
         overrides = tuple(args.extra)
         if args.batch is not None:
-            recipe = Recipe(
-                recipe.name, recipe.script, recipe.arguments, args.batch, recipe.small_evaluation
-            )
+            recipe = dataclasses.replace(recipe, batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,

@@ -25,6 +25,7 @@ class Recipe:
         script: the training script, relative to the repository.
         arguments: what makes it the shipped run (for a head: its JSON config).
         batch: scenes (or images, for the CLIPs) per step; 0 for a head, whose config says.
+        batch_flag: the pretraining script's option that sets ``batch``.
         small_evaluation: arguments that make the end-of-run evaluation as small as the script
             allows (for timing runs).
     """
@@ -33,6 +34,7 @@ class Recipe:
     script: str
     arguments: tuple[str, ...]
     batch: int = 0
+    batch_flag: str = ""
     small_evaluation: tuple[str, ...] = ()
 
     @property
@@ -88,7 +90,7 @@ class Recipe:
         command = [
             self.script,
             *self.arguments,
-            "--batch-size" if "clip" in self.name else "--scenes",
+            self.batch_flag,
         ]
         command += [
             str(self.batch),
@@ -113,14 +115,19 @@ class Recipe:
 
     def model_path(self, out: Path) -> Path:
         """Where the run's weights go: a folder for a CLIP, a path stem for SAM and the heads."""
-        if "clip" in self.name and not self.is_head:
+        if self.script == "training/pretrain_clip.py":
             return out / "model"
         return out / "model" / self.name
 
 
 def _clip(name: str, *arguments: str) -> Recipe:
     return Recipe(
-        name, "training/pretrain_clip.py", arguments, 128, ("--eval-images-per-class", "1")
+        name,
+        "training/pretrain_clip.py",
+        arguments,
+        batch=128,
+        batch_flag="--batch-size",
+        small_evaluation=("--eval-images-per-class", "1"),
     )
 
 
@@ -136,7 +143,14 @@ RECIPES: dict[str, Recipe] = {
         _clip("clip-vit", "--model", "toy-vit", "--large-fraction", "0.15"),
         _clip("clip-convnext", "--model", "toy-convnext"),
         _clip("clip-convnext-kd", *_KNOWLEDGE_DISTILLATION),
-        Recipe("sam", "training/pretrain_sam.py", (), 8, ("--eval-scenes", "1")),
+        Recipe(
+            "sam",
+            "training/pretrain_sam.py",
+            (),
+            batch=8,
+            batch_flag="--scenes",
+            small_evaluation=("--eval-scenes", "1"),
+        ),
         *(
             Recipe(name, "training/train.py", ("--config", f"training/configs/{name}-toy.json"))
             for name in ("dense-clip", "dpseg", "dcp-clip", "esc-net", "ldvc")
