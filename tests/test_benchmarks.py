@@ -113,3 +113,16 @@ def test_reference_logits_match_themselves_and_report_a_changed_method(tmp_path)
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 1 and "1.00e-03 | no |" in result.stdout
+
+
+def test_modality_gap_prints_zero_shot_and_gap_per_clip(tmp_path):
+    out = run(
+        "benchmarks/modality_gap.py", "toy-vit", "--images-per-class", "2", "--templates",
+        "single", "--threads", "1", "--plot", str(tmp_path / "gap.png"),
+    )  # fmt: skip
+    (row,) = [line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| toy-vit")]
+    seen, unseen, image_caption, same, other, _captions, distance, separation = map(float, row)
+    assert 0 <= seen <= 100 and 0 <= unseen <= 100
+    assert -1 <= other <= same <= 1 and -1 <= image_caption <= 1
+    assert distance >= 0 and 0 <= separation <= 1
+    assert (tmp_path / "gap.png").stat().st_size > 0

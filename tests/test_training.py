@@ -47,11 +47,18 @@ def test_pretrain_clip_runs_checkpoints_and_writes_an_open_clip_folder(tmp_path)
     result = run(
         sys.executable, "training/pretrain_clip.py", "--model", "toy-convnext", "--out", str(out),
         "--run-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
-        "--checkpoint-every", "1", "--eval-images-per-class", "1", "--eval-templates", "single",
+        "--checkpoint-every", "1", "--eval-images-per-class", "2", "--eval-templates", "single",
+        "--temperature", "0.01",
     )  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and 0 <= metrics["zero_shot_top1_unseen"] <= 100
     assert "zero_shot_top1_seen" in result.stdout
+    assert metrics["temperature"] == 0.01 and -1 <= metrics["gap_image_caption"] <= 1
+    from safetensors.torch import load_file
+
+    # A fixed temperature is not learned: the logit scale is still 1/τ after two AdamW steps.
+    logit_scale = load_file(out / "open_clip_model.safetensors")["logit_scale"].float().exp()
+    assert logit_scale.item() == pytest.approx(100, rel=5e-3)
     assert (out / "open_clip_config.json").is_file() and (
         out / "open_clip_model.safetensors"
     ).is_file()
@@ -65,7 +72,7 @@ def test_pretrain_clip_runs_checkpoints_and_writes_an_open_clip_folder(tmp_path)
 def test_pretrain_clip_starts_towers_from_another_toy_clip_and_locks_the_text_tower(tmp_path):
     from safetensors.torch import load_file
 
-    tiny = ["--steps", "1", "--batch-size", "4", "--eval-images-per-class", "1"]
+    tiny = ["--steps", "1", "--batch-size", "4", "--eval-images-per-class", "2"]
     tiny += ["--eval-templates", "single"]
     vit = tmp_path / "vit"
     run(sys.executable, "training/pretrain_clip.py", "--model", "toy-vit", "--out", str(vit),

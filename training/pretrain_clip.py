@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,30 +53,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone, load_clip
-from ovseg.data.toyworld import TRAIN_SEED_LIMIT, ToyWorld
+from ovseg.data.toyworld import SINGLE_CAPTION_TEMPLATES, TRAIN_SEED_LIMIT, ToyWorld
 from ovseg.devices import autocast, keep_freed_memory, resolve_device
-
-CAPTION_TEMPLATES = (
-    "a photo of a {}.",
-    "a picture of a {}.",
-    "an image of a {}.",
-    "a {}.",
-    "a close-up photo of a {}.",
-    "a {} on its own.",
-    "this is a {}.",
-    "there is a {} in the picture.",
-)
-SYNONYM_PROBABILITY = 0.3
-EVAL_SEED = TRAIN_SEED_LIMIT + 7_000_000
-
-
-def caption_for(world: ToyWorld, class_id: int, rng: np.random.Generator) -> str:
-    """A varied single-object caption, naming the class or one of its synonyms."""
-    toy_class = world.classes[class_id]
-    name = toy_class.name
-    if toy_class.synonyms and rng.random() < SYNONYM_PROBABILITY:
-        name = toy_class.synonyms[int(rng.integers(len(toy_class.synonyms)))]
-    return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(name)
+from ovseg.eval.gap import evaluate_clip
 
 
 def batches(
@@ -101,7 +81,7 @@ def batches(
             else:
                 class_id = int(rng.integers(len(world.classes)))
                 images.append(world_at_size.sprite_image(class_id, sample_seed))
-                captions.append(caption_for(world, class_id, rng))
+                captions.append(world.single_caption(class_id, rng))
                 keys.append(class_id)
         pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
         yield pixels, captions, torch.tensor(keys)
@@ -121,57 +101,6 @@ def contrastive_loss(
     image_to_text = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
     text_to_image = -(targets * logits.log_softmax(dim=0)).sum(dim=0).mean()
     return (image_to_text + text_to_image) / 2
-
-
-@torch.no_grad()
-def evaluate(
-    backbone: ClipBackbone,
-    world: ToyWorld,
-    *,
-    images_per_class: int,
-    image_size: int,
-    templates: str = "imagenet",
-) -> dict:
-    """Zero-shot top-1 on single-class images over the whole vocabulary, and the modality gap."""
-    backbone.eval()
-    device = next(backbone.model.parameters()).device
-    text = backbone.encode_text([(c.name, *c.synonyms) for c in world.classes], templates).mean
-    text = text.float().cpu()
-    labels, image_embeddings = [], []
-    for class_id in range(len(world.classes)):
-        for repeat in range(images_per_class):
-            image = world.sprite_image(class_id, EVAL_SEED + repeat, size=image_size)
-            image_embeddings.append(torch.from_numpy(image))
-            labels.append(class_id)
-    pixels = torch.stack(image_embeddings).permute(0, 3, 1, 2).float() / 255.0
-    embeddings = torch.cat(
-        [
-            backbone.encode_image(backbone.normalize(chunk.to(device)))
-            .global_embedding.float()
-            .cpu()
-            for chunk in pixels.split(256)
-        ]
-    )
-    embeddings = F.normalize(embeddings, dim=-1)
-    labels = torch.tensor(labels)
-    predicted = (embeddings @ text.T).argmax(dim=1)
-    correct = predicted == labels
-    seen = torch.tensor([world.classes[i].seen for i in labels.tolist()])
-    matched_text = text[labels]
-    image_text = (embeddings * matched_text).sum(-1).mean().item()
-    image_image = (embeddings @ embeddings.T).fill_diagonal_(float("nan")).nanmean().item()
-    text_text = (text @ text.T).fill_diagonal_(float("nan")).nanmean().item()
-    return {
-        "zero_shot_top1_all": correct.float().mean().item() * 100,
-        "zero_shot_top1_seen": correct[seen].float().mean().item() * 100,
-        "zero_shot_top1_unseen": correct[~seen].float().mean().item() * 100,
-        "num_classes": len(world.classes),
-        "images_per_class": images_per_class,
-        "eval_image_size": image_size,
-        "mean_cosine_image_text_matched": image_text,
-        "mean_cosine_image_image": image_image,
-        "mean_cosine_text_text": text_text,
-    }
 
 
 @torch.no_grad()
@@ -298,6 +227,13 @@ def main() -> None:
         help="share of ViT batches at 1.5× size (position-embedding interpolation)",
     )
     parser.add_argument("--scene-fraction", type=float, default=0.35)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="fix the softmax temperature τ (logit scale 1/τ) instead of learning it; CLIP's "
+        "ends at 0.01, and a low fixed τ keeps the modality gap open (README)",
+    )
     parser.add_argument("--eval-images-per-class", type=int, default=4)
     parser.add_argument(
         "--eval-templates",
@@ -356,6 +292,10 @@ def main() -> None:
         initialise_tower(backbone, args.init_text, text=True)
     if args.init_image is not None:
         initialise_tower(backbone, args.init_image, text=False)
+    if args.temperature is not None:
+        with torch.no_grad():
+            backbone.model.logit_scale.fill_(math.log(1 / args.temperature))
+        backbone.model.logit_scale.requires_grad_(False)
     if args.lock_text:
         for name, parameter in backbone.model.named_parameters():
             if is_text_parameter(name):
@@ -377,7 +317,7 @@ def main() -> None:
         # Fixed while the text tower is locked: every class's names under the caption templates.
         with torch.no_grad():
             names = tuple((c.name, *c.synonyms) for c in world.classes)
-            vocabulary = backbone.encode_text(names, CAPTION_TEMPLATES).mean
+            vocabulary = backbone.encode_text(names, SINGLE_CAPTION_TEMPLATES).mean
 
     trained = [(n, p) for n, p in backbone.model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
@@ -482,20 +422,20 @@ def main() -> None:
         progress.close()
 
     save_model(backbone, config_name, args.out)
-    metrics = evaluate(
+    metrics = evaluate_clip(
         backbone,
         world,
         images_per_class=args.eval_images_per_class,
         image_size=size,
         templates=args.eval_templates,
-    )
+    ).metrics
     metrics.update(
         {
             "steps": step,
             "batch_size": args.batch_size,
             "image_size": size,
             "model": config_name,
-            "eval_templates": args.eval_templates,
+            "temperature": args.temperature,
         }
     )
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

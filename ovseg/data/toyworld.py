@@ -487,6 +487,17 @@ _STUFF_TEMPLATES = (
     "a picture showing {stuff}",
 )
 _SYNONYM_PROBABILITY = 0.3
+# Captions of a single class on its own ("web images" for CLIP and the toy diffusion model).
+SINGLE_CAPTION_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a {}.",
+    "a close-up photo of a {}.",
+    "a {} on its own.",
+    "this is a {}.",
+    "there is a {} in the picture.",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,6 +724,15 @@ class ToyWorld:
             self._paste(rng, image, class_id, size * rng.uniform(0.6, 0.9), centre)
         image += rng.uniform(0.0, 0.03) * rng.standard_normal(image.shape, dtype=np.float32)
         return _to_uint8(image)
+
+    def single_caption(self, class_id: int, rng: Rng) -> str:
+        """A varied caption of one class on its own (as in :meth:`sprite_image`), naming the class
+        or, sometimes, one of its synonyms."""
+        toy_class = self.classes[class_id]
+        name = toy_class.name
+        if toy_class.synonyms and rng.random() < _SYNONYM_PROBABILITY:
+            name = _pick(rng, toy_class.synonyms)
+        return _pick(rng, SINGLE_CAPTION_TEMPLATES).format(name)
 
     # ---- internals ------------------------------------------------------------------------
 
