@@ -87,6 +87,13 @@ MEMORY_CACHE_ENTRIES = 50_000
 # they are drawn small.
 TOY_PROMPTS_PER_CLASS = 16
 TOY_PROMPT_RESOLUTION = 128
+# The toy diffusion model's sampler for DPSeg's prompts, chosen so that a first call on new names
+# stays interactive on 2 CPU cores: 10 DPM-Solver++ steps drew the 160 prompts of 10 new names
+# (16 each) in 15 s on one core, the UNet's forward passes being all but all of it
+# (benchmarks/toy_diffusion.py). The guidance scale is not tuned yet: compare scales on the
+# trained model with that benchmark's --guidance.
+TOY_DIFFUSION_PROMPT_STEPS = 10
+TOY_DIFFUSION_PROMPT_GUIDANCE = 3.0
 
 # The encoder a bank uses: ``N×3×S×S`` images in [0, 1] → (``N×D`` embeddings, ``N×D_j`` pooled
 # stage features for each stage j).
@@ -550,7 +557,9 @@ def make_generator(
     """The generator a ``prompt_generator`` setting names, with Table 5's noise mixed in.
 
     Arguments:
-        generator: "toyworld", "sd15", "sd3", a diffusers model id or folder, or a generator.
+        generator: "toyworld", "toy-diffusion" (:mod:`ovseg.prompts.toy_diffusion`, shipped in
+            ``assets/diffusion-toy``), "sd15", "sd3", a diffusers model id or folder, or a
+            generator.
         resolution: side of the images (of a named generator).
         dtype: what a diffusers generator draws in ("float16", "bfloat16", "float32"; None: its
             default).
@@ -564,6 +573,18 @@ def make_generator(
         )
     if generator == "toyworld":
         generator = ToyWorldSpriteGenerator(resolution=resolution)
+    elif generator == "toy-diffusion":
+        try:
+            from ovseg.prompts.toy_diffusion import ToyDiffusionGenerator
+        except ImportError as error:
+            raise VisualPromptError(
+                "The toy diffusion model runs on diffusers: pip install 'ovseg[diffusion]'."
+            ) from error
+        generator = ToyDiffusionGenerator(
+            resolution=resolution,
+            steps=TOY_DIFFUSION_PROMPT_STEPS,
+            guidance_scale=TOY_DIFFUSION_PROMPT_GUIDANCE,
+        )
     elif isinstance(generator, str):
         generator = StableDiffusionGenerator(
             model=generator,
