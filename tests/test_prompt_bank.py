@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_visual_prompts import tiny_pipeline_folder
 
 import ovseg
@@ -75,3 +76,32 @@ def test_only_dpseg_configs_are_accepted(tmp_path):
     path.write_text(json.dumps({"method": "ldvc", "method_config": {}}))
     with pytest.raises(SystemExit, match="visual prompts are DPSeg's"):
         main(["--config", str(path), "--vocabulary", "voc-20"])
+
+
+def test_export_ships_every_class_so_dpseg_draws_nothing_for_known_names(
+    tmp_path, config_file, monkeypatch
+):
+    import ovseg.backbones
+    from ovseg.prompts.visual import SHIPPED_TOY_PROMPTS
+
+    path, method_config = config_file
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    # The keys hold a digest of the prompt encoder's weights: the same random CLIP both times.
+    torch.manual_seed(0)
+    result = main(
+        ["--config", str(path), "--vocabulary", "voc-20", "--cache-dir", str(tmp_path / "maker"),
+         "--export", str(assets / SHIPPED_TOY_PROMPTS)]
+    )  # fmt: skip
+    assert result["exported"] == 20 * 2
+    monkeypatch.setattr(ovseg.backbones, "ASSETS_DIR", assets)
+    # A fresh DPSeg with an empty cache: every voc-20 prompt comes from the shipped file.
+    torch.manual_seed(0)
+    method = ovseg.load("dpseg", **method_config, prompt_cache_dir=str(tmp_path / "user"))
+    vocabulary = list(load_vocabulary("voc-20"))
+    prompts = method.prompt_bank.embeddings(vocabulary, list(method.templates), 2, generate=False)
+    assert prompts.embeddings.shape[:2] == (20, 2)
+    assert not (tmp_path / "user").exists()
+    with pytest.raises(SystemExit, match="one shard"):
+        main(["--config", str(path), "--vocabulary", "voc-20", "--shard", "0", "--num-shards", "2",
+              "--cache-dir", str(tmp_path / "maker"), "--export", str(tmp_path / "x")])  # fmt: skip

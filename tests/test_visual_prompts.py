@@ -191,6 +191,45 @@ def test_bank_reads_back_without_regenerating(tmp_path):
     assert torch.equal(first.embeddings, fresh.embeddings)
 
 
+def test_shipped_embeddings_answer_without_drawing_or_a_cache(tmp_path):
+    shipped = tmp_path / "shipped.safetensors"
+    written = make_bank(ListGenerator(), tmp_path / "maker")
+    assert written.export_embeddings(shipped, ["red", "blue"], TEMPLATES, 2) == 4
+    expected = written.embeddings(["red", "blue"], TEMPLATES, 2)
+
+    # A user's bank: an empty cache, the shipped file, and a generator that must not run.
+    generator = ListGenerator()
+    bank = make_bank(generator, tmp_path / "user", shipped=shipped)
+    found = bank.embeddings(["blue", "red"], TEMPLATES, 2, generate=False)
+    assert generator.calls == 0 and not (tmp_path / "user").exists()
+    # float16 storage: equal to what the maker encoded up to half-precision rounding.
+    torch.testing.assert_close(found.embeddings, expected.embeddings[[1, 0]], rtol=1e-3, atol=1e-3)
+    for ours, theirs in zip(found.pooled, expected.pooled, strict=True):
+        torch.testing.assert_close(ours, theirs[[1, 0]], rtol=1e-3, atol=1e-3)
+
+    # A class the file lacks is drawn and cached as before; the shipped ones still are not.
+    bank.embeddings(["red", "green"], TEMPLATES, 2)
+    assert generator.calls == 2
+    # Keys carry the generator and encoder: another encoder finds nothing in the file.
+    other = make_bank(ListGenerator(), tmp_path / "other", shipped=shipped)
+    other._encoder_id = "another-encoder"
+    with pytest.raises(MissingVisualPromptsError):
+        other.embeddings(["red"], TEMPLATES, 2, generate=False)
+
+
+def test_a_damaged_shipped_file_is_a_clear_error(tmp_path):
+    shipped = tmp_path / "shipped.safetensors"
+    shipped.write_bytes(b"not a safetensors file")
+    bank = make_bank(ListGenerator(), tmp_path, shipped=shipped)
+    with pytest.raises(VisualPromptError, match="shipped prompt embeddings"):
+        bank.embeddings(["red"], TEMPLATES, 2)
+    from safetensors.torch import save_file
+
+    save_file({"embedding": torch.zeros(2, 3)}, shipped, metadata={"keys": '["a"]'})
+    with pytest.raises(VisualPromptError, match="one row per key"):
+        make_bank(ListGenerator(), tmp_path, shipped=shipped).embeddings(["red"], TEMPLATES, 2)
+
+
 def test_the_encoder_id_is_the_clip_name_and_a_digest_of_the_weights():
     encoder = torch.nn.Linear(3, 2)
     encoder_id = PromptEncoderId("toy-convnext", encoder)

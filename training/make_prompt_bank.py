@@ -10,6 +10,13 @@ each shard writes its manifest, and the shard that completes the bank writes ``m
         --vocabulary coco-stuff-171 --cache-dir prompt-bank
     torchrun --nproc_per_node=8 training/make_prompt_bank.py --config ... \
         --vocabulary coco-stuff-171 ade-150 pc-59 voc-20 --encode
+
+``--export FILE`` then writes the embeddings of every class of the vocabularies to one file that
+DPSeg's bank reads before its cache (``VisualPromptBank(shipped=...)``): how the toy DPSeg ships
+the prompts of all ToyWorld classes (``--vocabulary toyworld``), so known names cost nothing:
+
+    python training/make_prompt_bank.py --config assets/dpseg-toy.json --vocabulary toyworld \
+        --export assets/visual-prompts-toy.safetensors
 """
 
 from __future__ import annotations
@@ -37,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override a method_config field (JSON value), e.g. prompt_resolution=512",
     )  # fmt: skip
     parser.add_argument(
-        "--vocabulary", nargs="+", required=True, help=f"bundled: {', '.join(list_vocabularies())}"
+        "--vocabulary",
+        nargs="+",
+        required=True,
+        help=f"bundled: {', '.join(list_vocabularies())}, or toyworld (every ToyWorld class)",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="the bank's folder")
     parser.add_argument(
@@ -46,7 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard", type=int, default=None, help="this process's shard")
     parser.add_argument("--num-shards", type=int, default=None)
     parser.add_argument("--classes-per-call", type=int, default=4)
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="write every class's embeddings to this file (implies --encode; one shard only)",
+    )
+    args = parser.parse_args(argv)
+    args.encode = args.encode or args.export is not None
+    return args
+
+
+def classes_of(name: str) -> list[tuple[str, ...]]:
+    """A bundled vocabulary, or "toyworld": every ToyWorld class with its synonyms."""
+    if name == "toyworld":
+        from ovseg.data.toyworld import ToyWorld
+
+        return [(c.name, *c.synonyms) for c in ToyWorld(image_size=64).classes]
+    return list(load_vocabulary(name))
 
 
 def shard_from(args: argparse.Namespace) -> tuple[int, int]:
@@ -91,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = [
         (name, synonyms)
         for name in args.vocabulary
-        for k, synonyms in enumerate(load_vocabulary(name))
+        for k, synonyms in enumerate(classes_of(name))
         if k % num_shards == shard
     ]
     bar = tqdm(total=len(jobs) * count, desc=f"prompt bank {shard + 1}/{num_shards}", unit="image")
@@ -131,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _write_json(shard_file, {**summary, "shard": shard, "entries": entries})
     complete = {
         name: not bank.missing(
-            list(load_vocabulary(name)), templates, count,
+            classes_of(name), templates, count,
             kind="embeddings" if args.encode else "images",
         )
         for name in args.vocabulary
@@ -143,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if len(shard_files) == num_shards:
             _write_json(bank.cache_dir / "manifest.json", {**summary, "entries": merged})
             result["manifest"] = str(bank.cache_dir / "manifest.json")
+    if args.export is not None:
+        if num_shards != 1:
+            raise SystemExit("--export needs the whole vocabulary in one process (one shard).")
+        classes = [synonyms for name in args.vocabulary for synonyms in classes_of(name)]
+        result["exported"] = bank.export_embeddings(args.export, classes, templates, count)
+        result["export"] = str(args.export)
     print(json.dumps({key: value for key, value in result.items() if key != "templates"}))
     return result
 

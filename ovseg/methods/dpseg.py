@@ -59,6 +59,7 @@ from ovseg.prompts.visual import (
     VisualPromptGenerator,
     make_generator,
     prompt_defaults,
+    shipped_toy_prompts,
 )
 
 SHIPPED_WEIGHTS = "dpseg-toy.safetensors"
@@ -646,6 +647,7 @@ class DPSeg(SegmentationMethod):
             cache_dir=config.prompt_cache_dir,
             seed=config.prompt_seed,
             resolution=config.prompt_resolution,
+            shipped=shipped_toy_prompts() if is_toy_clip(backbone) else None,
         )
         self._prompt_memo = PromptMemo()
 

@@ -60,6 +60,7 @@ __all__ = [
     "PromptEntry",
     "PromptGallery",
     "PromptMemo",
+    "ShippedEmbeddings",
     "StableDiffusionGenerator",
     "ToyWorldSpriteGenerator",
     "VisualPromptBank",
@@ -70,6 +71,7 @@ __all__ = [
     "is_black_image",
     "make_generator",
     "prompt_defaults",
+    "shipped_toy_prompts",
 ]
 
 DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -87,6 +89,9 @@ MEMORY_CACHE_ENTRIES = 50_000
 # they are drawn small.
 TOY_PROMPTS_PER_CLASS = 16
 TOY_PROMPT_RESOLUTION = 128
+# The prompt embeddings of every ToyWorld class for the shipped toy DPSeg
+# (training/make_prompt_bank.py --export), so that known names cost nothing on a first call.
+SHIPPED_TOY_PROMPTS = "visual-prompts-toy.safetensors"
 # The toy diffusion model's sampler for DPSeg's prompts, chosen so that a first call on new names
 # stays interactive on 2 CPU cores: 10 DPM-Solver++ steps drew the 160 prompts of 10 new names
 # (16 each) in 15 s on one core, the UNet's forward passes being all but all of it
@@ -596,6 +601,15 @@ def make_generator(
     return generator
 
 
+def shipped_toy_prompts() -> Path | None:
+    """The shipped toy prompt embeddings (:data:`SHIPPED_TOY_PROMPTS` in the assets folder), or
+    None where they are not installed."""
+    from ovseg.backbones import ASSETS_DIR
+
+    path = ASSETS_DIR / SHIPPED_TOY_PROMPTS
+    return path if path.is_file() else None
+
+
 def prompt_defaults(
     generator: str,
     prompts_per_class: int | None,
@@ -709,6 +723,7 @@ class VisualPromptBank:
         resolution: int | None = None,
         batch_size: int = 16,
         progress: bool = True,
+        shipped: str | os.PathLike | None = None,
     ) -> None:
         """
         Arguments:
@@ -723,6 +738,10 @@ class VisualPromptBank:
                 generator's resolution).
             batch_size: images per generator/encoder batch.
             progress: show a tqdm bar while filling the cache.
+            shipped: a read-only file of embeddings written by :meth:`export_embeddings` (e.g.
+                shipped beside a model), read on first use; an entry found there is neither
+                drawn nor encoded. Its keys are the cache's, so entries of another generator,
+                encoder or resolution are simply not found in it.
         """
         self.generator = generator
         self.encoder = encoder
@@ -733,6 +752,8 @@ class VisualPromptBank:
         self.batch_size = batch_size
         self.progress = progress
         self._memory: LruCache[tuple[Tensor, tuple[Tensor, ...]]] = LruCache(MEMORY_CACHE_ENTRIES)
+        self.shipped = None if shipped is None else Path(shipped)
+        self._shipped: ShippedEmbeddings | None = None
 
     @property
     def encoder_id(self) -> str:
@@ -966,7 +987,46 @@ class VisualPromptBank:
 
     def _has_embedding(self, entry: PromptEntry, encoder_id: str) -> bool:
         key = self._embedding_key(entry, encoder_id)
-        return key in self._memory or self.embedding_path(entry, encoder_id).is_file()
+        return (
+            key in self._memory
+            or key in self._shipped_embeddings()
+            or self.embedding_path(entry, encoder_id).is_file()
+        )
+
+    def _shipped_embeddings(self) -> ShippedEmbeddings:
+        if self._shipped is None:
+            self._shipped = ShippedEmbeddings.read(self.shipped)
+        return self._shipped
+
+    def export_embeddings(
+        self,
+        path: str | os.PathLike,
+        vocabulary: Sequence[str | Sequence[str]],
+        templates: Sequence[str],
+        prompts_per_class: int | None = None,
+    ) -> int:
+        """Write the embeddings of a vocabulary's entries (generated and encoded where missing)
+        to one file that a bank given ``shipped=path`` reads; returns how many entries.
+
+        Stored in float16, which halves the file: a shipped embedding differs from a freshly
+        encoded one by float16 rounding (about 1e-3 relative).
+        """
+        rows = self.entries(vocabulary, templates, prompts_per_class)
+        entries = list(dict.fromkeys(e for row in rows for e in row))
+        encoder_id = self.encoder_id
+        self.embeddings(vocabulary, templates, prompts_per_class)
+        loaded = [self._load_embedding(e, encoder_id) for e in entries]
+        tensors = {"embedding": torch.stack([item[0] for item in loaded]).half()}
+        for j in range(len(loaded[0][1])):
+            tensors[f"pooled{j}"] = torch.stack([item[1][j] for item in loaded]).half()
+        keys = [self._embedding_key(e, encoder_id) for e in entries]
+        ShippedEmbeddings.write(
+            Path(path),
+            tensors,
+            keys,
+            {"generator": self.generator.id, "encoder": encoder_id, "resolution": self.resolution},
+        )
+        return len(entries)
 
     def _encode_entries(self, entries: list[PromptEntry], encoder_id: str) -> None:
         absent = [e for e in entries if not self.image_path(e).is_file()]
@@ -995,6 +1055,9 @@ class VisualPromptBank:
         item = self._memory.get(key)
         if item is not None:
             return item
+        shipped = self._shipped_embeddings().get(key)
+        if shipped is not None:
+            return shipped
         path = self.embedding_path(entry, encoder_id)
         tensors = _read_embedding(path, entry)
         if tensors is None:
@@ -1011,6 +1074,80 @@ class VisualPromptBank:
         return self._memory.put(
             key, (tensors["embedding"], tuple(tensors[name] for name in stages))
         )
+
+
+class ShippedEmbeddings:
+    """A read-only set of prompt embeddings in one safetensors file, keyed like the bank's cache.
+
+    The file holds ``embedding`` (``N×D``) and ``pooled<j>`` (``N×D_j``) in float16, and in its
+    metadata the format, the ``N`` cache keys in row order, and the generator, encoder and
+    resolution they were made with (for people; the keys already include them).
+    """
+
+    FORMAT = "ovseg-visual-prompt-embeddings/1"
+
+    def __init__(self, rows: dict[str, int], tensors: dict[str, Tensor]) -> None:
+        self._rows = rows
+        self._embedding = tensors.get("embedding")
+        stages = sorted((n for n in tensors if n.startswith("pooled")), key=lambda n: int(n[6:]))
+        self._pooled = [tensors[name] for name in stages]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, key: str) -> tuple[Tensor, tuple[Tensor, ...]] | None:
+        row = self._rows.get(key)
+        if row is None:
+            return None
+        return self._embedding[row].float(), tuple(p[row].float() for p in self._pooled)
+
+    @classmethod
+    def read(cls, path: Path | None) -> ShippedEmbeddings:
+        """The file's embeddings; none for ``path=None``.
+
+        Raises:
+            VisualPromptError: the file is missing, unreadable or inconsistent.
+        """
+        if path is None:
+            return cls({}, {})
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(path, "pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(path)
+            keys = json.loads(metadata.get("keys", "null"))
+        except (OSError, SafetensorError, json.JSONDecodeError) as error:
+            raise VisualPromptError(
+                f"Could not read the shipped prompt embeddings {path}: {error}"
+            ) from error
+        rows = len(keys) if isinstance(keys, list) else -1
+        if (
+            metadata.get("format") != cls.FORMAT
+            or "embedding" not in tensors
+            or any(t.ndim != 2 or t.shape[0] != rows for t in tensors.values())
+        ):
+            raise VisualPromptError(
+                f"{path} is not a {cls.FORMAT} file with one row per key in every tensor; "
+                "write it with VisualPromptBank.export_embeddings."
+            )
+        return cls({key: row for row, key in enumerate(keys)}, tensors)
+
+    @classmethod
+    def write(
+        cls, path: Path, tensors: dict[str, Tensor], keys: list[str], made_with: dict[str, Any]
+    ) -> None:
+        from safetensors.torch import save_file
+
+        metadata = {"format": cls.FORMAT, "keys": json.dumps(keys)}
+        metadata |= {name: str(value) for name, value in made_with.items()}
+        tensors = {name: t.contiguous() for name, t in tensors.items()}
+        with _atomic_path(path) as temporary:
+            save_file(tensors, temporary, metadata=metadata)
 
 
 class PromptEncoderId:
