@@ -427,3 +427,13 @@ def test_weights_given_on_the_command_line_run_the_trained_head(tmp_path):
     result = session.run("ldvc", session.vocabulary, RunOptions(ldvc_top_m=2))
     assert result.error is None and result.prediction.trained_head
     assert views.ldvc_view(session, 0, 3).routing is not None
+
+
+def test_prompts_drawn_for_names_toyworld_lacks_are_said_to_be_so():
+    drawn = "diffusers:toy-diffusion@0123456789abcdef:res128:steps10"
+    note = views.drawn_prompts_note(drawn, [("cat",), ("person",), ("necktie", "tie")])
+    assert note and "person, necktie" in note and "cat" not in note.split("are")[0]
+    assert views.drawn_prompts_note(drawn, [("cat",), ("kitty",)]) is None  # a ToyWorld synonym
+    # Sprites refuse unknown names outright, and Stable Diffusion knows the world: no note.
+    assert views.drawn_prompts_note("toyworld-sprites:random:res128", [("person",)]) is None
+    assert views.drawn_prompts_note("diffusers:stable-diffusion-v1-5", [("person",)]) is None

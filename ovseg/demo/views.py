@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ovseg.demo.session import MethodResult, Session
 from ovseg.errors import OvsegError
 from ovseg.methods.dcp_clip import CategorySelection
-from ovseg.prompts.visual import VisualPromptError
+from ovseg.prompts.visual import ToyWorldSpriteGenerator, VisualPromptError
 from ovseg.viz import (
     changed_pixels,
     draw_pseudo_prompts,
@@ -134,10 +134,34 @@ def status_markdown(session: Session, loaded_status: dict[str, str]) -> str:
     for name, status in loaded_status.items():
         if status.startswith("unavailable"):
             lines.append(f"- **{name}** is {status}")
+    dpseg = session.result("dpseg")
+    if dpseg is not None and dpseg.prediction is not None:
+        generator = session.predictor.methods["dpseg"].prompt_bank.generator
+        note = drawn_prompts_note(generator.id, session.vocabulary.classes)
+        if note:
+            lines.append(f"- {note}")
     dropped = session.vocabulary.dropped_duplicates
     if dropped:
         lines.append(f"- Dropped repeated names: {', '.join(dropped)}.")
     return "\n".join(lines)
+
+
+def drawn_prompts_note(generator_id: str, classes: Sequence[Sequence[str]]) -> str | None:
+    """What to say when DPSeg's toy diffusion model drew prompts for names ToyWorld lacks: that
+    those prompts are whatever a model trained on ToyWorld's classes makes of their words (as
+    Stable Diffusion's images of a rare word are, only more so)."""
+    if "toy-diffusion@" not in generator_id:
+        return None
+    known = ToyWorldSpriteGenerator()
+    outside = [synonyms[0] for synonyms in classes if known.class_id(synonyms) is None]
+    if not outside:
+        return None
+    shown = ", ".join(outside[:8]) + (f" and {len(outside) - 8} more" if len(outside) > 8 else "")
+    return (
+        f"DPSeg's visual prompts for {shown} are whatever the toy diffusion model draws for "
+        "those words: ToyWorld has no such class, and the model learned only ToyWorld's "
+        f"{len(known.world.classes)} (Method views › DPSeg shows them)."
+    )
 
 
 def area_rows(session: Session) -> list[list[Any]]:
