@@ -546,3 +546,24 @@ def test_stable_diffusion_settings_that_change_the_images_key_the_cache(tmp_path
     assert second.missing(["cat"], TEMPLATES[:1], kind="images")
     second.images(["cat"], TEMPLATES[:1])
     assert len(other._pipeline.calls) == 1
+
+
+def test_toyworld_generators_default_to_a_few_small_prompts_per_class():
+    from ovseg.prompts.visual import TOY_PROMPT_RESOLUTION, TOY_PROMPTS_PER_CLASS, prompt_defaults
+
+    for generator in ("toyworld", "toy-diffusion"):
+        settings = prompt_defaults(generator, None, None, toy=True, templates=80, input_size=192)
+        assert settings == {
+            "prompt_generator": generator,
+            "prompts_per_class": TOY_PROMPTS_PER_CLASS,
+            "prompt_resolution": TOY_PROMPT_RESOLUTION,
+        }
+    # Stable Diffusion: one prompt per template at the network's input size (the paper).
+    settings = prompt_defaults("auto", None, None, toy=False, templates=80, input_size=192)
+    assert settings == {
+        "prompt_generator": "sd15",
+        "prompts_per_class": 80,
+        "prompt_resolution": 192,
+    }
+    with pytest.raises(ValueError, match="between 1 and the 80 templates"):
+        prompt_defaults("toy-diffusion", 81, None, toy=True, templates=80, input_size=192)

@@ -625,9 +625,9 @@ def prompt_defaults(
         generator: "auto" (ToyWorld sprites, "toyworld", for a toy CLIP, else "sd15") or any
             name :func:`make_generator` takes.
         prompts_per_class: G distinct images per class; None: one per template, or at most
-            :data:`TOY_PROMPTS_PER_CLASS` for ToyWorld sprites.
+            :data:`TOY_PROMPTS_PER_CLASS` for ToyWorld's generators (sprites, toy diffusion).
         resolution: side of the images; None: ``input_size``, or :data:`TOY_PROMPT_RESOLUTION`
-            for ToyWorld sprites.
+            for ToyWorld's generators.
         toy: whether the CLIP is one of ovseg's toy CLIPs.
         templates: M, the number of text templates.
 
@@ -636,9 +636,11 @@ def prompt_defaults(
     """
     if generator == "auto":
         generator = "toyworld" if toy else "sd15"
-    sprites = generator == "toyworld"
+    # ToyWorld's generators draw small images of a world with no "bad photo" or "many" variants,
+    # so a few per class are enough (and a first call on new names stays short).
+    toyworld = generator in ("toyworld", "toy-diffusion")
     prompts_per_class = prompts_per_class or (
-        min(TOY_PROMPTS_PER_CLASS, templates) if sprites else templates
+        min(TOY_PROMPTS_PER_CLASS, templates) if toyworld else templates
     )
     if not 1 <= prompts_per_class <= templates:
         raise ValueError(
@@ -648,7 +650,7 @@ def prompt_defaults(
     return {
         "prompt_generator": generator,
         "prompts_per_class": prompts_per_class,
-        "prompt_resolution": resolution or (TOY_PROMPT_RESOLUTION if sprites else input_size),
+        "prompt_resolution": resolution or (TOY_PROMPT_RESOLUTION if toyworld else input_size),
     }
 
 
