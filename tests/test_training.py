@@ -365,7 +365,15 @@ def test_the_accelerator_command_runs_a_pretraining_recipe_with_its_own_batch(tm
 def test_every_recipe_names_an_existing_script_and_puts_everything_under_one_folder(tmp_path):
     from training.recipes import RECIPES
 
-    assert {"clip-vit", "clip-convnext", "clip-convnext-kd", "sam", "dpseg", "ldvc"} <= set(RECIPES)
+    assert {
+        "clip-vit",
+        "clip-convnext",
+        "clip-convnext-kd",
+        "sam",
+        "diffusion",
+        "dpseg",
+        "ldvc",
+    } <= set(RECIPES)
     for recipe in RECIPES.values():
         command = recipe.command(tmp_path, steps=3, threads=2, device="cpu")
         assert (REPO / command[0]).is_file()

@@ -234,7 +234,12 @@ def main() -> None:
         help="fix the softmax temperature τ (logit scale 1/τ) instead of learning it; CLIP's "
         "ends at 0.01, and a low fixed τ keeps the modality gap open (README)",
     )
-    parser.add_argument("--eval-images-per-class", type=int, default=4)
+    parser.add_argument(
+        "--eval-images-per-class",
+        type=int,
+        default=4,
+        help="held-out images per class (at least 2: the gap compares same-class images)",
+    )
     parser.add_argument(
         "--eval-templates",
         choices=["imagenet", "short", "single"],
@@ -270,6 +275,8 @@ def main() -> None:
         help="weight of the teacher-to-student KL over the class vocabulary (needs --distill-from)",
     )
     args = parser.parse_args()
+    if args.eval_images_per_class < 2:
+        parser.error("--eval-images-per-class must be at least 2 (same-class image pairs)")
     if (args.vocabulary_weight or args.distill_logits_weight) and not args.lock_text:
         parser.error("--vocabulary-weight and --distill-logits-weight need --lock-text")
     if args.distill_logits_weight and args.distill_from is None:

@@ -115,7 +115,7 @@ class Recipe:
 
     def model_path(self, out: Path) -> Path:
         """Where the run's weights go: a folder for a CLIP, a path stem for SAM and the heads."""
-        if self.script == "training/pretrain_clip.py":
+        if self.script in ("training/pretrain_clip.py", "training/pretrain_diffusion.py"):
             return out / "model"
         return out / "model" / self.name
 
@@ -127,7 +127,7 @@ def _clip(name: str, *arguments: str) -> Recipe:
         arguments,
         batch=128,
         batch_flag="--batch-size",
-        small_evaluation=("--eval-images-per-class", "1"),
+        small_evaluation=("--eval-images-per-class", "2"),  # two: same-class image pairs
     )
 
 
@@ -143,6 +143,21 @@ RECIPES: dict[str, Recipe] = {
         _clip("clip-vit", "--model", "toy-vit", "--large-fraction", "0.15"),
         _clip("clip-convnext", "--model", "toy-convnext"),
         _clip("clip-convnext-kd", *_KNOWLEDGE_DISTILLATION),
+        Recipe(
+            "diffusion",
+            "training/pretrain_diffusion.py",
+            (),
+            batch=64,
+            batch_flag="--batch-size",
+            small_evaluation=(
+                "--eval-images-per-class",
+                "1",
+                "--eval-classes",
+                "4",
+                "--eval-steps",
+                "2",
+            ),
+        ),
         Recipe(
             "sam",
             "training/pretrain_sam.py",
