@@ -163,3 +163,20 @@ def test_the_fast_binary_cross_entropy_matches_pytorchs_values_and_gradients():
     (grad_targets,) = torch.autograd.grad(binary_cross_entropy_with_logits(x, soft).sum(), soft)
     torch.testing.assert_close(grad_targets, -x)
     assert binary_cross_entropy_with_logits(x.bfloat16(), soft.bfloat16()).dtype == torch.float32
+
+
+def test_focal_dice_never_takes_an_unlabelled_pixel_for_class_255():
+    """With more than 255 classes (ToyWorld's 312), IGNORE_INDEX is also a class index: an
+    unlabelled pixel must stay a negative of every class, not become a positive of class 255."""
+    from ovseg.methods.losses import focal_dice_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 312, 4, 4)
+    target = torch.full((1, 4, 4), IGNORE_INDEX)
+    target[0, :2] = 7
+    with_ignore = focal_dice_loss(logits, target)
+    # Only class 7 is present: one mask.
+    only_seven = focal_dice_loss(logits[:, [7]], torch.where(target == 7, 0, IGNORE_INDEX))
+    assert with_ignore["loss_dice"] == pytest.approx(only_seven["loss_dice"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="class indices below"):
+        focal_dice_loss(logits[:, :5], target.clamp(max=6))

@@ -127,8 +127,7 @@ def focal_dice_loss(
         classes present; both are divided by ``num_masks``, the present (image, class) pairs,
         averaged over DDP ranks and at least 1.
     """
-    classes = torch.arange(logits.shape[1], device=target.device)
-    onehot = (target[:, None] == classes[None, :, None, None]).to(logits.dtype)  # B×K×H×W
+    onehot = one_hot_targets(target, logits.shape[1], logits.dtype)  # B×K×H×W
     present = onehot.flatten(2).amax(dim=-1)  # B×K
     num_masks = mean_over_ranks(present.detach().float().sum()).clamp_min(1.0)
     probability = logits.sigmoid()
