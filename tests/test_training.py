@@ -282,6 +282,14 @@ def test_a_resumed_run_continues_the_scene_stream_it_left_however_far_it_got():
     assert next(iter(late))["labels"].shape == (32, 32)
 
 
+def test_training_on_all_312_toyworld_classes_is_refused_not_silently_wrong():
+    """Class 255 would share its index with the unlabelled-pixel mark."""
+    from training.train import build_dataset
+
+    with pytest.raises(ValueError, match="limits training to 255"):
+        build_dataset({"name": "toyworld", "split": "all", "image_size": 32}, seed=0)
+
+
 def test_the_distillation_loss_is_zero_for_the_teachers_own_embeddings():
     sys.path.insert(0, str(REPO / "training"))
     from pretrain_clip import distillation_loss

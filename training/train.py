@@ -168,6 +168,12 @@ def build_dataset(
     split = spec.get("split", "seen")
     world = ToyWorld(image_size=image_size)
     class_ids = world.seen_class_ids if split == "seen" else list(range(len(world.classes)))
+    if len(class_ids) > IGNORE_INDEX:
+        # Targets mark unlabelled pixels with IGNORE_INDEX, which would then also be a class.
+        raise ValueError(
+            f"ToyWorld's {split!r} split has {len(class_ids)} training classes; the trainer's "
+            f"ignore index {IGNORE_INDEX} limits training to {IGNORE_INDEX}."
+        )
     vocabulary = toyworld_vocabulary(world, class_ids)
     to_index = np.full(len(world.classes), IGNORE_INDEX, dtype=np.int64)
     to_index[class_ids] = np.arange(len(class_ids))

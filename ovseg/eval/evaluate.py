@@ -245,7 +245,9 @@ def evaluate_toyworld(
     world = ToyWorld(image_size=image_size)
     class_ids = eval_vocabulary(set_name)
     vocabulary = toyworld_vocabulary(world, class_ids)
-    to_index = np.full(len(world.classes), 255, dtype=np.int64)
+    # With 312 classes, 255 is a class (sunglasses) here, not "no class": pixels of classes outside
+    # the vocabulary (toy-seen scenes have none) are marked -1.
+    to_index = np.full(len(world.classes), -1, dtype=np.int64)
     to_index[class_ids] = np.arange(len(class_ids))
     seen_ids = set(world.seen_class_ids)
     seen = [i for i, class_id in enumerate(class_ids) if class_id in seen_ids]
@@ -256,7 +258,7 @@ def evaluate_toyworld(
         options = calibrated_options(method, options, [vocabulary[i][0] for i in seen])
 
     scenes = eval_set(set_name, image_size=image_size, num_images=num_images)
-    matrix = ConfusionMatrix(len(class_ids))
+    matrix = ConfusionMatrix(len(class_ids), ignore_index=-1)
     parameter = next(method.parameters())
     started = time.perf_counter()
     batches = range(0, len(scenes), batch_size)
