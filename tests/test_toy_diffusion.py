@@ -2,25 +2,31 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from safetensors import safe_open
+from torch import nn
 
 from ovseg.backbones import load_backbone
+from ovseg.data.toyworld import ToyWorld
 from ovseg.prompts import toy_diffusion
 from ovseg.prompts.toy_diffusion import (
     ToyDiffusionGenerator,
     ToyTextToImagePipeline,
     caption_states,
+    evaluate_toy_diffusion,
     load_toy_diffusion,
     save_toy_diffusion,
     text_tower_fingerprint,
+    weights_digest,
 )
 from ovseg.prompts.visual import (
     StableDiffusionGenerator,
@@ -31,10 +37,20 @@ from ovseg.prompts.visual import (
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
-from pretrain_diffusion import build_unet, sampling_scheduler  # noqa: E402
+from pretrain_diffusion import (  # noqa: E402
+    build_unet,
+    replace_folder,
+    sampling_scheduler,
+)
 
 SIZE = 16
-CAPTIONS = ["a photo of a cat.", "a photo of a grass.", ""]
+# Each caption's image is one flat colour (RGB in [-1, 1]); "" is the unconditional one.
+COLOURS = {
+    "a photo of a cat.": (-0.6, 0.2, 0.4),
+    "a photo of a grass.": (0.4, -0.4, -0.2),
+    "": (0.0, 0.0, 0.0),
+}
+TRAIN_STEPS = 150
 
 
 @pytest.fixture(scope="module")
@@ -43,29 +59,40 @@ def clip():
 
 
 @pytest.fixture(scope="module")
-def folder(clip, tmp_path_factory):
-    """A tiny UNet trained a few steps on three captions, saved as a toy diffusion folder."""
+def trained(clip, tmp_path_factory):
+    """A tiny v-prediction UNet trained (150 steps, seconds) to draw each caption of COLOURS as
+    its flat colour, saved as a toy diffusion folder; and the UNet as trained, before saving."""
     torch.manual_seed(0)
     unet = build_unet(image_size=SIZE, channels=(16, 32), layers_per_block=1,
                       attention_levels=1, heads=2, text_width=128)  # fmt: skip
-    noise_schedule = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    states = caption_states(clip, CAPTIONS)
-    targets = torch.stack([torch.full((3, SIZE, SIZE), value) for value in (-0.8, 0.2, 0.8)])
-    for _ in range(5):
+    noise_schedule = DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type="v_prediction"
+    )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    states = caption_states(clip, list(COLOURS)).repeat(4, 1, 1)
+    colours = torch.tensor(list(COLOURS.values()))[:, :, None, None]
+    targets = colours.expand(-1, 3, SIZE, SIZE).repeat(4, 1, 1, 1)
+    for _ in range(TRAIN_STEPS):
         noise = torch.randn_like(targets)
-        timesteps = torch.randint(0, 1000, (3,))
+        timesteps = torch.randint(0, 1000, (len(targets),))
         noisy = noise_schedule.add_noise(targets, noise, timesteps)
-        loss = (unet(noisy, timesteps, encoder_hidden_states=states).sample - noise).pow(2).mean()
+        velocity = noise_schedule.get_velocity(targets, noise, timesteps)
+        predicted = unet(noisy, timesteps, encoder_hidden_states=states).sample
+        loss = (predicted - velocity).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     path = tmp_path_factory.mktemp("diffusion-toy")
     save_toy_diffusion(
         path, unet=unet, scheduler=sampling_scheduler(noise_schedule), clip=clip,
-        facts={"steps": 5},
+        facts={"steps": TRAIN_STEPS},
     )  # fmt: skip
-    return path
+    return path, unet.eval()
+
+
+@pytest.fixture(scope="module")
+def folder(trained):
+    return trained[0]
 
 
 @pytest.fixture(scope="module")
@@ -95,26 +122,92 @@ def test_the_text_states_are_per_token_after_the_final_norm(clip):
     assert torch.allclose(pooled, clip.model.encode_text(tokens)[0], atol=1e-5)
 
 
-def test_a_saved_and_reloaded_model_draws_the_same_images_for_the_same_seeds(
-    folder, pipeline, clip, tmp_path
+def test_the_trained_model_draws_each_caption_in_its_colour(pipeline):
+    captions = [caption for caption in COLOURS for _ in range(3)]
+    images = draw(
+        pipeline, captions, range(len(captions)), guidance_scale=1.0, num_inference_steps=10
+    )
+    drawn = images.reshape(len(COLOURS), 3, -1, 3).mean(axis=(1, 2))
+    expected = np.array(list(COLOURS.values())) / 2 + 0.5
+    np.testing.assert_allclose(drawn, expected, atol=0.1)
+
+
+class OracleUNet(nn.Module):
+    """The exact denoiser of flat-colour images: for each caption, the noise (or v) that its
+    colour and the training schedule imply. Stands in for a perfectly trained UNet, which a test
+    cannot afford for noise prediction (150 steps of the fixture's UNet miss by 0.2-0.5)."""
+
+    def __init__(self, clip, schedule: DDPMScheduler) -> None:
+        super().__init__()
+        self.register_buffer("states", caption_states(clip, list(COLOURS)))
+        self.register_buffer("colours", torch.tensor(list(COLOURS.values())))
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.clone())
+        self.prediction_type = schedule.config.prediction_type
+        self.config = SimpleNamespace(sample_size=SIZE, in_channels=3, cross_attention_dim=128)
+
+    @property
+    def device(self) -> torch.device:
+        return self.states.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.states.dtype
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        distance = (encoder_hidden_states[:, None] - self.states[None]).flatten(2).norm(dim=-1)
+        clean = self.colours[distance.argmin(dim=1)][:, :, None, None].expand_as(sample)
+        alpha_bar = self.alphas_cumprod[timestep.long()].expand(len(sample))[:, None, None, None]
+        noise = (sample - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt()
+        if self.prediction_type == "v_prediction":
+            noise = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * clean
+        return SimpleNamespace(sample=noise)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_shipped_sampler_turns_either_prediction_into_the_caption_colour(
+    clip, prediction_type, tmp_path
 ):
-    again = load_toy_diffusion(folder, clip=clip)
-    again.set_progress_bar_config(disable=True)
-    images = draw(pipeline, ["a photo of a cat.", "a photo of a person."], [3, 4])
+    schedule = DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", clip_sample=False, prediction_type=prediction_type
+    )
+    # Through the saved config, as a shipped folder holds it.
+    sampling_scheduler(schedule).save_pretrained(tmp_path)
+    scheduler = type(sampling_scheduler(schedule)).from_pretrained(tmp_path)
+    oracle = ToyTextToImagePipeline(unet=OracleUNet(clip, schedule), scheduler=scheduler, clip=clip)
+    oracle.set_progress_bar_config(disable=True)
+    # Two steps end on a clean-image estimate from half noise, where reading v as the noise (or
+    # the reverse) is far off; ten steps end so close to the image that it hardly matters.
+    for guidance, steps in ((1.0, 2), (1.5, 2), (1.5, 10)):
+        images = draw(
+            oracle, list(COLOURS), [0, 1, 2], guidance_scale=guidance, num_inference_steps=steps
+        )
+        # Guidance extrapolates from the unconditional colour, here 0: w × colour.
+        expected = np.clip(guidance * np.array(list(COLOURS.values())), -1, 1) / 2 + 0.5
+        np.testing.assert_allclose(images.mean(axis=(1, 2)), expected, atol=0.02)
+
+
+def test_a_saved_and_reloaded_model_is_the_trained_one_in_half_precision(
+    trained, pipeline, clip, tmp_path
+):
+    folder, unet = trained
+    for name, loaded in pipeline.unet.state_dict().items():
+        torch.testing.assert_close(loaded, unet.state_dict()[name], rtol=1e-3, atol=1e-4)
+    as_trained = ToyTextToImagePipeline(unet=unet, scheduler=pipeline.scheduler, clip=clip)
+    as_trained.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a cat.", "a photo of a person."]
+    images = draw(pipeline, prompts, [3, 4])
     assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
-    np.testing.assert_array_equal(
-        images, draw(again, ["a photo of a cat.", "a photo of a person."], [3, 4])
-    )
-    # Saving the loaded model writes the same weights: fp16 survives the round trip.
+    np.testing.assert_allclose(images, draw(as_trained, prompts, [3, 4]), atol=0.01)
     with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as file:
         assert {file.get_tensor(name).dtype for name in file.keys()} == {torch.float16}  # noqa: SIM118
-    save_toy_diffusion(tmp_path, unet=again.unet, scheduler=again.scheduler, clip=clip)
+    # Saving the loaded model writes the same weights: fp16 survives the round trip.
+    save_toy_diffusion(tmp_path, unet=pipeline.unet, scheduler=pipeline.scheduler, clip=clip)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         folder / "unet" / "diffusion_pytorch_model.safetensors"
     ).read_bytes()
     record = json.loads((folder / "text_encoder.json").read_text())
-    assert record["text_encoder"] == "toy-vit" and record["training"] == {"steps": 5}
+    assert record["text_encoder"] == "toy-vit" and record["training"] == {"steps": TRAIN_STEPS}
 
 
 def test_each_image_depends_on_its_own_seed_only(pipeline):
@@ -215,25 +308,155 @@ def test_make_generator_names_the_toy_model_lazily_and_keys_it_on_its_weights(
                                              guidance_scale=2).id  # fmt: skip
 
 
-def test_the_training_script_writes_a_loadable_folder_with_metrics(tmp_path):
-    out, run_dir = tmp_path / "out", tmp_path / "run"
+def test_the_toy_generator_draws_its_noise_on_the_cpu_whatever_its_device(folder):
+    # Its id names no device: a CUDA generator's stream would cache other images under it.
+    generator = ToyDiffusionGenerator(path=folder, resolution=SIZE, steps=2, guidance_scale=2,
+                                      device="cuda", progress=False)  # fmt: skip
+    devices = []
+
+    def recording_pipeline(*, prompt, height, width, generator, **kwargs):
+        devices.extend(g.device.type for g in generator)
+        return SimpleNamespace(images=np.full((len(prompt), height, width, 3), 0.5, np.float32))
+
+    generator._pipeline = recording_pipeline
+    generator.generate("person", 0, "a photo of a {}.", 7)
+    assert devices == ["cpu"]
+
+
+def copy_folder(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_a_folder_rewritten_before_first_use_is_refused(folder, tmp_path):
+    path = copy_folder(folder, tmp_path / "model")
+    generator = ToyDiffusionGenerator(path=path, resolution=SIZE, steps=2, guidance_scale=2)
+    record = json.loads((path / "text_encoder.json").read_text())
+    record["training"]["steps"] += 1
+    (path / "text_encoder.json").write_text(json.dumps(record))
+    with pytest.raises(VisualPromptError, match="changed after this generator was made"):
+        generator.pipeline  # noqa: B018
+    unchanged = ToyDiffusionGenerator(path=path, resolution=SIZE, steps=2, guidance_scale=2)
+    assert isinstance(unchanged.pipeline, ToyTextToImagePipeline)
+
+
+@pytest.mark.parametrize("part", ["unet/config.json", "scheduler/scheduler_config.json"])
+def test_the_weights_digest_covers_the_configs(folder, tmp_path, part):
+    path = copy_folder(folder, tmp_path / "model")
+    config = json.loads((path / part).read_text())
+    config["_ovseg_edit"] = 1
+    (path / part).write_text(json.dumps(config))
+    assert weights_digest(path) != weights_digest(folder)
+
+
+@pytest.mark.parametrize(
+    ("part", "damage", "message"),
+    [
+        ("text_encoder.json", {"text_encoder": "toy-vit"}, "lacks text_encoder_fingerprint"),
+        ("text_encoder.json", "{not json", "not valid JSON"),
+        ("scheduler/scheduler_config.json", {"_class_name": "UNet2DModel"}, "not a diffusers"),
+        ("scheduler/scheduler_config.json", {"_class_name": "NoSuchScheduler"}, "not a diffusers"),
+    ],
+)
+def test_a_damaged_folder_is_a_clear_error(folder, clip, tmp_path, part, damage, message):
+    path = copy_folder(folder, tmp_path / "model")
+    (path / part).write_text(damage if isinstance(damage, str) else json.dumps(damage))
+    with pytest.raises(VisualPromptError, match=message):
+        load_toy_diffusion(path, clip=clip)
+
+
+class PipelineOnGpu:
+    """A pipeline that says it is on CUDA and records the devices of the generators it gets."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline, self.unet, self.device = pipeline, pipeline.unet, torch.device("cuda")
+        self.generator_devices: list[str] = []
+
+    def __call__(self, prompts, *, generator, **kwargs):
+        self.generator_devices += [g.device.type for g in generator]
+        return self.pipeline(prompts, generator=generator, **kwargs)
+
+
+def test_the_evaluation_renders_on_the_trained_background_with_cpu_noise(pipeline, clip):
+    world, backgrounds = ToyWorld(), []
+    sprite_image = world.sprite_image
+
+    def recording_sprite_image(*args, background="random", **kwargs):
+        backgrounds.append(background)
+        return sprite_image(*args, background=background, **kwargs)
+
+    world.sprite_image = recording_sprite_image
+    on_gpu = PipelineOnGpu(pipeline)
+    metrics = evaluate_toy_diffusion(
+        on_gpu, clip, world, class_ids=[0, 1], images_per_class=1, steps=1, templates="single",
+        background="white",
+    )  # fmt: skip
+    assert backgrounds == ["white", "white"] and on_gpu.generator_devices == ["cpu", "cpu"]
+    assert metrics["images"] == 2
+
+
+def test_replacing_a_folder_keeps_the_old_one_whole_when_writing_fails(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+
+    def fail(folder: Path) -> None:
+        (folder / "weights").write_text("half")
+        raise RuntimeError("evaluation died")
+
+    with pytest.raises(RuntimeError, match="evaluation died"):
+        replace_folder(out, fail)
+    assert (out / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    replace_folder(out, lambda folder: (folder / "metrics.json").write_text("{}"))
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def train(out: Path, run_dir: Path, steps: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [
             sys.executable, "training/pretrain_diffusion.py", "--out", str(out),
-            "--run-dir", str(run_dir), "--steps", "2", "--batch-size", "4",
-            "--checkpoint-every", "1", "--image-size", "16", "--channels", "16", "32",
-            "--eval-images-per-class", "1", "--eval-classes", "4", "--eval-steps", "2",
-            "--eval-templates", "single",
+            "--run-dir", str(run_dir), "--steps", str(steps), "--batch-size", "4",
+            "--checkpoint-every", "3", "--image-size", "16", "--channels", "16", "32",
+            "--eval-images-per-class", "1", "--eval-classes", "2", "--eval-steps", "1",
+            "--eval-templates", "single", "--warmup", "1",
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_the_training_script_resumes_and_a_finished_run_trains_nothing_more(tmp_path):
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    train(out, run_dir, 2)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["images"] == 4
+    assert metrics["steps"] == 2 and metrics["images"] == 2 and metrics["background"] == "plain"
+    assert {"seed", "prediction_type", "heads", "warmup", "minutes"} <= metrics.keys()
     assert 0 <= metrics["generated_top1_all"] <= 100 and metrics["seconds_per_image"] > 0
-    assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "ema.pt").is_file()
-    assert len((run_dir / "train_log.csv").read_text().splitlines()) == 3
     loaded = load_toy_diffusion(out)
     assert loaded.unet.config.sample_size == 16
     assert list(loaded.unet.config.block_out_channels) == [16, 32]
+
+    # Resumed in the same run dir: the checkpoint of the finished 2 steps, then steps 3 and 4
+    # (an interim model at step 3 in the run dir only).
+    train(out, run_dir, 4)
+    rows = (run_dir / "train_log.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["1", "2", "3", "4"]
+    ema = torch.load(run_dir / "ema.pt", weights_only=True)
+    assert ema["optimization_step"] == 4
+    assert (
+        json.loads((run_dir / "model" / "text_encoder.json").read_text())["training"]["steps"] == 3
+    )
+    record = json.loads((out / "text_encoder.json").read_text())
+    assert (
+        record["training"]["steps"] == 4 == json.loads((out / "metrics.json").read_text())["steps"]
+    )
+
+    # The same command again: nothing trained, the same model shipped.
+    digest, log = weights_digest(out), (run_dir / "train_log.csv").read_text()
+    train(out, run_dir, 4)
+    assert weights_digest(out) == digest and (run_dir / "train_log.csv").read_text() == log
+    assert torch.load(run_dir / "ema.pt", weights_only=True)["optimization_step"] == 4

@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -567,3 +568,43 @@ def test_toyworld_generators_default_to_a_few_small_prompts_per_class():
     }
     with pytest.raises(ValueError, match="between 1 and the 80 templates"):
         prompt_defaults("toy-diffusion", 81, None, toy=True, templates=80, input_size=192)
+
+
+def test_shipped_embeddings_are_not_reported_missing(tmp_path):
+    shipped = tmp_path / "shipped.safetensors"
+    make_bank(ListGenerator(), tmp_path / "maker").export_embeddings(shipped, ["red"], TEMPLATES, 2)
+    bank = make_bank(ListGenerator(), tmp_path / "user", shipped=shipped)
+    assert bank.missing(["red"], TEMPLATES, 2) == []
+    assert [e.subject for e in bank.missing(["red", "green"], TEMPLATES, 2)] == ["green"] * 2
+
+
+class RecordedTorchGenerator:
+    """Stands in for torch.Generator where no GPU is: records the device it was asked for."""
+
+    devices: ClassVar[list[str]] = []
+
+    def __init__(self, device="cpu") -> None:
+        self.devices.append(torch.device(device).type)
+
+    def manual_seed(self, seed):
+        return self
+
+
+def test_stable_diffusion_seeds_on_its_device_unless_the_generator_says_otherwise(monkeypatch):
+    monkeypatch.setattr(torch, "Generator", RecordedTorchGenerator)
+    monkeypatch.setattr(RecordedTorchGenerator, "devices", [])
+    settings = {"model": "fake", "resolution": 8, "device": "cuda", "progress": False}
+    StableDiffusionGenerator(pipeline=fake_pipeline(0), **settings).generate("cat", 0, "{}", 1)
+    assert RecordedTorchGenerator.devices == ["cuda"]
+
+    class DeviceFreeGenerator(StableDiffusionGenerator):
+        seed_device = "cpu"
+
+    DeviceFreeGenerator(pipeline=fake_pipeline(0), **settings).generate("cat", 0, "{}", 1)
+    assert RecordedTorchGenerator.devices == ["cuda", "cpu"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_toy_diffusion_generator_refuses_a_dtype_it_would_ignore(dtype):
+    with pytest.raises(ValueError, match="float32 only"):
+        make_generator("toy-diffusion", resolution=32, dtype=dtype)

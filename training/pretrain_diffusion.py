@@ -22,8 +22,14 @@ minutes, not its steps (about 4,500 steps).
 The output folder (:func:`ovseg.prompts.toy_diffusion.save_toy_diffusion`) holds ``unet/``
 (fp16), ``scheduler/`` (DPM-Solver++ over the training schedule), ``text_encoder.json`` and
 ``metrics.json``: how often the toy ViT CLIP classifies generated images as their class over all
-312 classes, and seconds per image. Checkpoints (for ``--resume`` after an interruption: just run
-the same command again) and ``train_log.csv`` go to ``--run-dir``.
+312 classes, and seconds per image. It is written once, after training and evaluation, into a
+temporary sibling folder that then replaces ``--out``: a run that stops early never touches the
+shipped weights, and ``metrics.json`` always describes the weights beside it.
+
+Checkpoints, ``train_log.csv`` and the interim models (``model/``, the EMA weights at each
+checkpoint, for a look during a long run) go to ``--run-dir``. An interrupted run resumes where
+its last checkpoint was when the same command is run again; a finished one is saved at its last
+step, so running its command again trains nothing and rewrites the same weights.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import argparse
 import copy
 import csv
 import json
+import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +54,7 @@ from tqdm import tqdm
 
 from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, ToyWorld
-from ovseg.devices import keep_freed_memory, resolve_device
+from ovseg.devices import autocast, keep_freed_memory, resolve_device
 from ovseg.prompts.toy_diffusion import (
     ToyTextToImagePipeline,
     caption_states,
@@ -151,6 +159,38 @@ def save_ema(path: Path, ema: EMAModel) -> None:
     torch.save(ema.state_dict(), path)
 
 
+def replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Put what ``write`` writes into an empty folder in place of ``folder``: written in a
+    temporary sibling first, so a run that stops while writing (or while evaluating, inside
+    ``write``) leaves ``folder`` as it was, never half old and half new."""
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the rows of ``train_log.csv`` after ``step``, the last checkpoint: an interrupted
+    run logged steps that its resumption trains again."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as log_file:
+        rows = list(csv.reader(log_file))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= step]
+    if len(kept) < len(rows):
+        with path.open("w", newline="") as log_file:
+            csv.writer(log_file).writerows(kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,15 +277,17 @@ def main() -> None:
         clip_sample=False,
     )
     world = ToyWorld()
-    args.out.mkdir(parents=True, exist_ok=True)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.run_dir / "checkpoint.pt"
     ema_path = args.run_dir / "ema.pt"
+    log_path = args.run_dir / "train_log.csv"
 
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay
     )
-    step, previous_seconds = load_checkpoint(checkpoint_path, unet, optimizer)
+    step, seconds = load_checkpoint(checkpoint_path, unet, optimizer)
+    saved_step = step
+    trim_log(log_path, step)
     # Warm-up of the decay: early in a short run the average is mostly of recent weights.
     ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     if step and ema_path.is_file():
@@ -253,7 +295,7 @@ def main() -> None:
     ema.to(device)
     schedule = BudgetSchedule(
         steps=args.steps, minutes=args.minutes, warmup=args.warmup, lr=args.lr,
-        previous_seconds=previous_seconds,
+        previous_seconds=seconds,
     )  # fmt: skip
     stream = batches(
         world, batch_size=args.batch_size, image_size=args.image_size,
@@ -268,34 +310,43 @@ def main() -> None:
         ema.copy_to(averaged.parameters())
         return averaged.eval()
 
-    def facts(seconds: float) -> dict:
+    def facts() -> dict:
         return {
             "steps": step,
+            "seed": args.seed,
+            "prediction_type": args.prediction_type,
             "batch_size": args.batch_size,
             "image_size": args.image_size,
             "channels": args.channels,
             "layers_per_block": args.layers_per_block,
             "attention_levels": args.attention_levels,
+            "heads": args.heads,
             "parameters": sum(p.numel() for p in unet.parameters()),
             "caption_dropout": args.caption_dropout,
             "background": args.background,
             "ema_decay": args.ema_decay,
             "lr": args.lr,
+            "warmup": args.warmup,
+            "minutes": args.minutes,
+            "amp": args.amp,
             "train_seconds": round(seconds, 1),
         }
 
-    def save_shipped(seconds: float) -> None:
+    def save_model(folder: Path) -> None:
         save_toy_diffusion(
-            args.out,
+            folder,
             unet=shipped_unet(),
             scheduler=sampling_scheduler(noise_schedule),
             clip=clip,
             clip_name=args.clip,
-            facts=facts(seconds),
+            facts=facts(),
         )
 
+    def save_run() -> None:
+        save_checkpoint(checkpoint_path, unet, optimizer, step=step, seconds=seconds)
+        save_ema(ema_path, ema)
+
     unet.train()
-    log_path = args.run_dir / "train_log.csv"
     new_log = not log_path.is_file()
     with log_path.open("a", newline="") as log_file:
         log = csv.writer(log_file)
@@ -322,53 +373,59 @@ def main() -> None:
                 target = noise
             else:
                 target = noise_schedule.get_velocity(pixels, noise, timesteps)
-            predicted = unet(noisy, timesteps, encoder_hidden_states=states).sample
-            loss = F.mse_loss(predicted, target)
+            with autocast(args.amp, device):
+                predicted = unet(noisy, timesteps, encoder_hidden_states=states).sample
+            loss = F.mse_loss(predicted.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             optimizer.step()
             ema.step(unet.parameters())
             step += 1
+            seconds = schedule.elapsed()
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
-            log.writerow([step, f"{loss.item():.5f}", f"{lr:.6f}", f"{schedule.elapsed():.1f}"])
+            log.writerow([step, f"{loss.item():.5f}", f"{lr:.6f}", f"{seconds:.1f}"])
             if step % args.checkpoint_every == 0:
                 log_file.flush()
-                save_checkpoint(
-                    checkpoint_path, unet, optimizer, step=step, seconds=schedule.elapsed()
-                )
-                save_ema(ema_path, ema)
-                save_shipped(schedule.elapsed())
+                save_run()
+                saved_step = step
+                replace_folder(args.run_dir / "model", save_model)
         progress.close()
+    # Saved before the model is: run again, the finished command resumes here and trains nothing.
+    if step != saved_step:
+        save_run()
 
-    train_seconds = schedule.elapsed()
-    save_shipped(train_seconds)
-    pipeline = ToyTextToImagePipeline(
-        unet=shipped_unet(), scheduler=sampling_scheduler(noise_schedule), clip=clip
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    began = time.perf_counter()
-    metrics = evaluate_toy_diffusion(
-        pipeline,
-        clip,
-        world,
-        class_ids=None if args.eval_classes is None else range(args.eval_classes),
-        images_per_class=args.eval_images_per_class,
-        steps=args.eval_steps,
-        guidance_scale=args.eval_guidance,
-        templates=args.eval_templates,
-    )
-    metrics |= {
-        **facts(train_seconds),
-        "eval_steps": args.eval_steps,
-        "eval_guidance": args.eval_guidance,
-        "eval_templates": args.eval_templates,
-        "eval_threads": args.threads,
-        "eval_seconds": round(time.perf_counter() - began, 1),
-    }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    def save_evaluated(folder: Path) -> None:
+        save_model(folder)
+        pipeline = ToyTextToImagePipeline(
+            unet=shipped_unet(), scheduler=sampling_scheduler(noise_schedule), clip=clip
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        began = time.perf_counter()
+        metrics = evaluate_toy_diffusion(
+            pipeline,
+            clip,
+            world,
+            class_ids=None if args.eval_classes is None else range(args.eval_classes),
+            images_per_class=args.eval_images_per_class,
+            steps=args.eval_steps,
+            guidance_scale=args.eval_guidance,
+            templates=args.eval_templates,
+            background=args.background,
+        )
+        metrics |= {
+            **facts(),
+            "eval_steps": args.eval_steps,
+            "eval_guidance": args.eval_guidance,
+            "eval_templates": args.eval_templates,
+            "eval_threads": args.threads,
+            "eval_seconds": round(time.perf_counter() - began, 1),
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps(metrics, indent=2))
+
+    replace_folder(args.out, save_evaluated)
 
 
 if __name__ == "__main__":

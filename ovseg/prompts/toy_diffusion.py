@@ -40,7 +40,12 @@ from typing import Any, Literal
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
@@ -67,6 +72,10 @@ DEFAULT_TOY_DIFFUSION_DIR = ASSETS_DIR / "diffusion-toy"
 DEFAULT_TEXT_ENCODER = "toy-vit"
 TEXT_ENCODER_FILE = "text_encoder.json"
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+UNET_CONFIG = Path("unet") / "config.json"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+# Every file of a folder, and all that changes the pixels it draws.
+FOLDER_FILES = (UNET_WEIGHTS, UNET_CONFIG, SCHEDULER_CONFIG, Path(TEXT_ENCODER_FILE))
 # Sampling defaults of the pipeline itself (the generator of DPSeg's prompts picks its own, for
 # speed): DPM-Solver++ is close to converged at 20 steps on 32×32 pixels.
 TOY_DIFFUSION_STEPS = 20
@@ -124,8 +133,19 @@ class ToyTextToImagePipeline(DiffusionPipeline):
 
     Registered modules: ``unet`` (a ``UNet2DConditionModel`` over RGB in [-1, 1], with
     ``cross_attention_dim`` equal to the text width) and ``scheduler`` (one of SD's; DPM-Solver++
-    with dynamic thresholding as shipped). The CLIP is held as :attr:`clip` and is not part of
-    :meth:`save_pretrained`; :func:`save_toy_diffusion` records which text tower it was.
+    with dynamic thresholding as shipped). The CLIP is held as :attr:`clip`, outside the
+    registered modules, which has three consequences:
+
+    - Load and save with :func:`load_toy_diffusion` and :func:`save_toy_diffusion`, not with
+      diffusers' ``from_pretrained`` / ``save_pretrained``: those know nothing of the CLIP (the
+      constructor refuses to run without one), and only :func:`save_toy_diffusion` records the
+      fingerprint of the text tower the UNet was trained on, which loading checks.
+    - ``.to(device)`` moves the UNet, not the CLIP. The text states are computed where the CLIP
+      is and then moved to the UNet's device, so a CPU CLIP with a CUDA UNet works; to run the
+      text tower on the GPU too, move the CLIP yourself (or let :func:`load_toy_diffusion` load
+      it on ``device``).
+    - The constructor puts the given CLIP in eval mode with ``requires_grad_(False)``, in place:
+      a CLIP shared with a training loop comes back frozen.
     """
 
     # Not a component: there is no safety checker, and StableDiffusionGenerator keys its cache on
@@ -284,15 +304,50 @@ def save_toy_diffusion(
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
-    wanted = [folder / "unet" / "config.json", folder / UNET_WEIGHTS, folder / TEXT_ENCODER_FILE]
-    wanted.append(folder / "scheduler" / "scheduler_config.json")
-    absent = [str(path.relative_to(folder)) for path in wanted if not path.is_file()]
+    absent = [str(part) for part in FOLDER_FILES if not (folder / part).is_file()]
     if absent:
         raise VisualPromptError(
             f"No toy diffusion model in {folder} (missing {', '.join(absent)}). Train it with "
             "`python training/pretrain_diffusion.py --out assets/diffusion-toy` (see README)."
         )
-    return json.loads((folder / TEXT_ENCODER_FILE).read_text())
+    path = folder / TEXT_ENCODER_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise VisualPromptError(
+            f"{path} is not valid JSON ({error}); the folder is damaged."
+        ) from error
+    expected = {"text_encoder": str, "text_encoder_fingerprint": str, "training": dict}
+    wrong = [
+        key for key, kind in expected.items()
+        if not isinstance(record, dict) or not isinstance(record.get(key), kind)
+    ]  # fmt: skip
+    if wrong:
+        raise VisualPromptError(
+            f"{path} lacks {', '.join(wrong)} (or has the wrong type): expected "
+            + ", ".join(f"{key} ({kind.__name__})" for key, kind in expected.items())
+            + ", as save_toy_diffusion writes. The folder is damaged; train or copy it again."
+        )
+    return record
+
+
+def _scheduler_class(folder: Path) -> tuple[type[SchedulerMixin], dict[str, Any]]:
+    """The diffusers scheduler class a folder's scheduler config names, and that config."""
+    path = folder / SCHEDULER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise VisualPromptError(
+            f"{path} is not valid JSON ({error}); the folder is damaged."
+        ) from error
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise VisualPromptError(
+            f"{path} names _class_name={name!r}, which is not a diffusers scheduler "
+            "(a SchedulerMixin subclass such as 'DPMSolverMultistepScheduler')."
+        )
+    return scheduler_class, config
 
 
 def load_toy_diffusion(
@@ -310,11 +365,14 @@ def load_toy_diffusion(
         device: where the UNet (and a CLIP loaded here) runs.
 
     Raises:
-        VisualPromptError: the folder is incomplete, or the text tower is not the one the UNet
+        VisualPromptError: the folder is incomplete or damaged (a record without its keys, a
+            scheduler that is not a diffusers one), or the text tower is not the one the UNet
             was trained on (its fingerprint differs).
     """
     folder = Path(path)
     record = _read_record(folder)
+    # A damaged scheduler is refused before a CLIP is loaded for nothing.
+    scheduler_class, scheduler_config = _scheduler_class(folder)
     name = record["text_encoder"]
     if clip is None:
         clip = load_backbone(name, device=device)
@@ -329,21 +387,22 @@ def load_toy_diffusion(
         )
     # Without accelerate installed, the default low-memory loading only warns and falls back.
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False).float()
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
     scheduler = scheduler_class.from_config(scheduler_config)
     pipeline = ToyTextToImagePipeline(unet=unet.eval(), scheduler=scheduler, clip=clip)
     return pipeline.to(torch.device(device or "cpu"))
 
 
 def weights_digest(path: str | os.PathLike = DEFAULT_TOY_DIFFUSION_DIR) -> str:
-    """First 16 hex digits of the SHA-256 of a folder's UNet weights and text-encoder record:
-    what tells one trained model from another in cache keys, without loading it."""
+    """First 16 hex digits of the SHA-256 of every file of a folder (UNet weights and config,
+    scheduler config, text-encoder record): all that changes what it draws, so what tells one
+    model from another in cache keys, without loading it."""
     folder = Path(path)
     _read_record(folder)
     digest = hashlib.sha256()
-    for part in (UNET_WEIGHTS, Path(TEXT_ENCODER_FILE)):
-        digest.update((folder / part).read_bytes())
+    for part in FOLDER_FILES:
+        content = (folder / part).read_bytes()
+        digest.update(f"{part.as_posix()}:{len(content)}:".encode())
+        digest.update(content)
     return digest.hexdigest()[:16]
 
 
@@ -352,8 +411,12 @@ class ToyDiffusionGenerator(StableDiffusionGenerator):
     cache, with the pipeline loaded from ``path`` on first use (not at construction).
 
     The id names the weights (:func:`weights_digest`), so a retrained model never reuses the
-    cached images of another.
+    cached images of another; a folder rewritten between construction and first use is refused
+    rather than cached under the old digest. The id names no device, so the noise is drawn from
+    CPU generators, which give the same images on CPU and CUDA up to float32 rounding.
     """
+
+    seed_device = "cpu"
 
     def __init__(
         self,
@@ -380,8 +443,9 @@ class ToyDiffusionGenerator(StableDiffusionGenerator):
         """
         self.path = Path(DEFAULT_TOY_DIFFUSION_DIR if path is None else path)
         self._clip = clip
+        self.digest = weights_digest(self.path)
         super().__init__(
-            model=f"toy-diffusion@{weights_digest(self.path)}",
+            model=f"toy-diffusion@{self.digest}",
             resolution=resolution,
             steps=steps,
             guidance_scale=guidance_scale,
@@ -393,7 +457,16 @@ class ToyDiffusionGenerator(StableDiffusionGenerator):
         )
 
     def _load_pipeline(self) -> ToyTextToImagePipeline:
-        return self._configure(load_toy_diffusion(self.path, clip=self._clip, device=self.device))
+        pipeline = load_toy_diffusion(self.path, clip=self._clip, device=self.device)
+        # Hashed after loading: a folder rewritten before or while it was read differs now.
+        digest = weights_digest(self.path)
+        if digest != self.digest:
+            raise VisualPromptError(
+                f"The toy diffusion model in {self.path} changed after this generator was made "
+                f"(weights digest {self.digest}, now {digest}); its images would be cached "
+                "under the old model's id. Make a new generator (e.g. restart the demo)."
+            )
+        return self._configure(pipeline)
 
 
 @torch.no_grad()
@@ -409,6 +482,7 @@ def evaluate_toy_diffusion(
     batch_size: int = 64,
     templates: str | Sequence[str] = "imagenet",
     seed: int = 0,
+    background: Literal["random", "plain", "white"],
 ) -> dict[str, float]:
     """How often a CLIP recognises what the model draws: each class of ``world`` (a
     :class:`~ovseg.data.toyworld.ToyWorld`) drawn ``images_per_class`` times from
@@ -416,8 +490,10 @@ def evaluate_toy_diffusion(
     classes (resized to its pretraining size).
 
     Returns top-1 in % over the classes drawn (``class_ids``, default all), and separately over
-    seen and unseen classes; the same for ToyWorld's own renders at the model's size (the
-    ceiling the classifier allows at that size); and seconds per generated image.
+    seen and unseen classes; the same for ToyWorld's own renders at the model's size on
+    ``background``, the one the model was trained on (the ceiling the classifier allows at that
+    size); and seconds per generated image. The noise comes from CPU generators seeded
+    ``seed + repeat``, so the images do not depend on the pipeline's device.
     """
     class_ids = list(range(len(world.classes))) if class_ids is None else list(class_ids)
     names = [(c.name, *c.synonyms) for c in world.classes]
@@ -433,14 +509,18 @@ def evaluate_toy_diffusion(
             [f"a photo of a {world.classes[labels[i]].name}." for i in chunk],
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
-            generator=[torch.Generator(pipeline.device).manual_seed(seeds[i]) for i in chunk],
+            generator=[torch.Generator().manual_seed(seeds[i]) for i in chunk],
             output_type="pt",
         ).images
         seconds += time.perf_counter() - began
         generated.append(images.float().cpu())
     rendered = torch.stack(
         [
-            torch.from_numpy(world.sprite_image(label, TRAIN_SEED_LIMIT + image_seed, size=size))
+            torch.from_numpy(
+                world.sprite_image(
+                    label, TRAIN_SEED_LIMIT + image_seed, size=size, background=background
+                )
+            )
             for label, image_seed in zip(labels, seeds, strict=True)
         ]
     )

@@ -284,6 +284,12 @@ class StableDiffusionGenerator:
     :attr:`black_images` and warned about; if it stays black, :class:`BlackPromptImageError`.
     """
 
+    # Where the seeded noise is drawn; None: on the pipeline's device. CUDA and CPU generators
+    # give different streams for one seed, which is harmless here because the id already differs
+    # by dtype (float16 on CUDA). A generator whose id is the same on every device sets "cpu",
+    # so that its cached images are what any device draws.
+    seed_device: str | None = None
+
     def __init__(
         self,
         *,
@@ -441,7 +447,8 @@ class StableDiffusionGenerator:
 
     def _draw(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
         pipeline = self.pipeline
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        device = self.seed_device or self.device
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         kwargs: dict[str, Any] = {}
         if self.negative_prompt:
             kwargs["negative_prompt"] = [self.negative_prompt] * len(prompts)
@@ -567,7 +574,7 @@ def make_generator(
             generator.
         resolution: side of the images (of a named generator).
         dtype: what a diffusers generator draws in ("float16", "bfloat16", "float32"; None: its
-            default).
+            default). The toy diffusion model draws in float32 only.
         noise: Gaussian noise mixed into every image (:class:`NoisyPromptGenerator`; 0: none).
     """
     if generator == "layerdiffuse":
@@ -579,6 +586,11 @@ def make_generator(
     if generator == "toyworld":
         generator = ToyWorldSpriteGenerator(resolution=resolution)
     elif generator == "toy-diffusion":
+        if dtype not in (None, "float32"):
+            raise ValueError(
+                f"The toy diffusion model draws in float32 only (its cache keys do not name a "
+                f"dtype); got dtype={dtype!r}. Leave it unset or pass 'float32'."
+            )
         try:
             from ovseg.prompts.toy_diffusion import ToyDiffusionGenerator
         except ImportError as error:
@@ -825,12 +837,13 @@ class VisualPromptBank:
         *,
         kind: Literal["embeddings", "images"] = "embeddings",
     ) -> list[PromptEntry]:
-        """Entries of a vocabulary whose embedding (or image) is not in the cache."""
+        """Entries of a vocabulary whose embedding is neither shipped, in memory nor in the
+        cache (or whose image is not in the cache)."""
         rows = self.entries(vocabulary, templates, prompts_per_class)
         if kind == "images":
             return [e for row in rows for e in row if not self.image_path(e).is_file()]
         encoder_id = self.encoder_id
-        return [e for row in rows for e in row if not self.embedding_path(e, encoder_id).is_file()]
+        return [e for row in rows for e in row if not self._has_embedding(e, encoder_id)]
 
     # --------------------------------------------------------------------------------- images
     def load_images(
