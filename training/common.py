@@ -10,7 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ovseg.devices import DEVICES, PRECISIONS
+from ovseg.devices import DEVICES, PRECISIONS, keep_freed_memory, resolve_device
+
+
+def start_process(args: argparse.Namespace) -> torch.device:
+    """Seed, threads and allocator of a pretraining process from its budget arguments; returns
+    the device it trains on."""
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    return resolve_device(args.device)
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, *, steps: int, lr: float) -> None:

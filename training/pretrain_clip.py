@@ -48,13 +48,19 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from common import BudgetSchedule, add_budget_arguments, load_checkpoint, save_checkpoint
+from common import (
+    BudgetSchedule,
+    add_budget_arguments,
+    load_checkpoint,
+    save_checkpoint,
+    start_process,
+)
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone, load_clip
 from ovseg.data.toyworld import SINGLE_CAPTION_TEMPLATES, TRAIN_SEED_LIMIT, ToyWorld
-from ovseg.devices import autocast, keep_freed_memory, resolve_device
+from ovseg.devices import autocast
 from ovseg.eval.gap import evaluate_clip
 
 
@@ -282,10 +288,7 @@ def main() -> None:
     if args.distill_logits_weight and args.distill_from is None:
         parser.error("--distill-logits-weight needs --distill-from")
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    keep_freed_memory()
+    device = start_process(args)
     config_name = TOY_CLIPS[args.model][0]
     backbone = load_backbone(args.model, "random")
     backbone.train()

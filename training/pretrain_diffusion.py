@@ -47,14 +47,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import BudgetSchedule, add_budget_arguments, load_checkpoint, save_checkpoint
+from common import (
+    BudgetSchedule,
+    add_budget_arguments,
+    load_checkpoint,
+    save_checkpoint,
+    start_process,
+)
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from ovseg.backbones import TOY_CLIPS, ClipBackbone, load_backbone
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, ToyWorld
-from ovseg.devices import autocast, keep_freed_memory, resolve_device
+from ovseg.devices import autocast
 from ovseg.prompts.toy_diffusion import (
     ToyTextToImagePipeline,
     caption_states,
@@ -256,10 +262,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    keep_freed_memory()
+    device = start_process(args)
     clip = load_backbone(args.clip, device=device).eval().requires_grad_(False)
     text_width = clip.model.ln_final.normalized_shape[0]
     unet = build_unet(

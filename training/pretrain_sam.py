@@ -20,13 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import BudgetSchedule, add_budget_arguments, load_checkpoint, save_checkpoint
+from common import (
+    BudgetSchedule,
+    add_budget_arguments,
+    load_checkpoint,
+    save_checkpoint,
+    start_process,
+)
 from tqdm import tqdm
 
 from ovseg.backbones import build_sam
 from ovseg.backbones.sam import SamBackbone
 from ovseg.data.toyworld import TRAIN_SEED_LIMIT, Scene, ToyWorld
-from ovseg.devices import autocast, keep_freed_memory, resolve_device
+from ovseg.devices import autocast
 
 EVAL_SEED = TRAIN_SEED_LIMIT + 8_000_000
 MIN_SEGMENT_PIXELS = 48
@@ -249,10 +255,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    keep_freed_memory()
+    device = start_process(args)
     sam = build_sam(args.config, args.init) if args.init else build_sam(args.config)
     sam.to(device).train()
     if args.train_parts == "iou-head":

@@ -303,6 +303,15 @@ def save_toy_diffusion(
     return folder
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise VisualPromptError(
+            f"{path} is not valid JSON ({error}); the folder is damaged."
+        ) from error
+
+
 def _read_record(folder: Path) -> dict[str, Any]:
     absent = [str(part) for part in FOLDER_FILES if not (folder / part).is_file()]
     if absent:
@@ -311,12 +320,7 @@ def _read_record(folder: Path) -> dict[str, Any]:
             "`python training/pretrain_diffusion.py --out assets/diffusion-toy` (see README)."
         )
     path = folder / TEXT_ENCODER_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise VisualPromptError(
-            f"{path} is not valid JSON ({error}); the folder is damaged."
-        ) from error
+    record = _read_json(path)
     expected = {"text_encoder": str, "text_encoder_fingerprint": str, "training": dict}
     wrong = [
         key for key, kind in expected.items()
@@ -334,12 +338,7 @@ def _read_record(folder: Path) -> dict[str, Any]:
 def _scheduler_class(folder: Path) -> tuple[type[SchedulerMixin], dict[str, Any]]:
     """The diffusers scheduler class a folder's scheduler config names, and that config."""
     path = folder / SCHEDULER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise VisualPromptError(
-            f"{path} is not valid JSON ({error}); the folder is damaged."
-        ) from error
+    config = _read_json(path)
     name = config.get("_class_name") if isinstance(config, dict) else None
     scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
